@@ -1,0 +1,115 @@
+"""The ``medlsam`` command line.
+
+User errors (bad files, inconsistent templates, ...) print one line on stderr and exit 2.
+Heavy imports (torch) happen inside the subcommands that need them, so ``--help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import USER_ERRORS, InputError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line (exit 2) instead of printing usage."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _add_template_commands(sub) -> None:
+    p = sub.add_parser("template", help="create or check templates (six extreme points per structure)")
+    tsub = p.add_subparsers(dest="template_command", metavar="ACTION", parser_class=_Parser)
+    tsub.required = True
+    fl = tsub.add_parser(
+        "from-labels",
+        help="derive a template from a CT and its label map (no clicking needed)",
+        description="Write DIR/template.json and one Slicer markups file per structure, with the six "
+        "extreme points taken from the label map.",
+    )
+    fl.add_argument("--image", required=True, help="template CT (NIfTI, NRRD, MHA or DICOM folder)")
+    fl.add_argument("--labels", required=True, help="label map on the same grid as --image")
+    fl.add_argument("--structure", action="append", default=[], metavar="LABEL:NAME",
+                    help="structure to take, e.g. 1:Brainstem (repeat for several)")
+    fl.add_argument("--out", required=True, help="output template folder")
+    fl.set_defaults(func=_cmd_template_from_labels)
+
+    chk = tsub.add_parser("check", help="validate a template folder against its CT and print a summary")
+    chk.add_argument("template", help="template folder")
+    chk.set_defaults(func=_cmd_template_check)
+
+
+def _cmd_template_from_labels(args) -> int:
+    from .templates import parse_structure_spec, template_from_labels
+
+    specs = [parse_structure_spec(s) for s in args.structure]
+    template = template_from_labels(args.image, args.labels, specs, args.out)
+    print(f"wrote template with {len(template.structures)} structure(s) to {args.out}")
+    for s in template.structures.values():
+        print(f"  {s.label:>3}  {s.name}")
+    return 0
+
+
+def _cmd_template_check(args) -> int:
+    from .geometry import box_from_extreme_points
+    from .templates import load_template
+
+    template = load_template(args.template)
+    image = template.load_image()
+    print(f"template {template.name}: image {template.image_path} size {image.geometry.size} "
+          f"spacing {[round(float(s), 3) for s in image.geometry.spacing]}")
+    for s in template.structures.values():
+        extent = box_from_extreme_points(s.points)
+        size = extent[1] - extent[0]
+        print(f"  {s.label:>3}  {s.name:<20} extent (x, y, z) mm: {size[0]:.1f} x {size[1]:.1f} x {size[2]:.1f}")
+    print("ok")
+    return 0
+
+
+def _not_yet(name: str):
+    def run(args) -> int:
+        raise InputError(f"'medlsam {name}' is not available in this version yet")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="medlsam",
+        description="Localize and segment anatomical structures in 3D CT from a few annotated templates.",
+    )
+    parser.add_argument("--version", action="version", version=f"medlsam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_template_commands(sub)
+    for name, text in (
+        ("localize", "find template structures in new CTs (3D boxes)"),
+        ("segment", "localize and segment structures in a cohort of CTs"),
+        ("evaluate", "compare predicted segmentations with reference label maps"),
+        ("train", "self-supervised training of the MedLAM localizer"),
+        ("demo", "run the built-in offline demonstration"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=_not_yet(name))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"medlsam: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("medlsam: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

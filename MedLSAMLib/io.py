@@ -1,0 +1,178 @@
+"""Reading and writing volumes (NIfTI, NRRD, MHA, DICOM series) with exact geometry.
+
+A :class:`Volume` is a numpy array in SimpleITK / Slicer order ``[k, j, i]`` plus the
+:class:`~MedLSAMLib.geometry.Geometry` that places it in LPS space. Arrays handed in are
+never modified in place; every file is written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import Geometry
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+
+
+@dataclass
+class Volume:
+    """A 3D scalar image: ``array[k, j, i]`` and its physical geometry."""
+
+    array: np.ndarray
+    geometry: Geometry
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.array.ndim != 3:
+            raise InputError(f"{self.name or 'volume'}: expected a 3D image, got {self.array.ndim}D")
+        if tuple(self.array.shape) != self.geometry.shape_kji:
+            raise ValueError(f"array shape {self.array.shape} does not match geometry {self.geometry.shape_kji}")
+
+    def with_array(self, array: np.ndarray, name: str | None = None) -> "Volume":
+        return Volume(array, self.geometry, self.name if name is None else name, dict(self.meta))
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """Input file name without its extension(s), or the folder name for a DICOM series."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    name = p.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+# --- SimpleITK conversion ----------------------------------------------------------------
+def geometry_from_sitk(image: sitk.Image) -> Geometry:
+    return Geometry(
+        origin=np.array(image.GetOrigin()),
+        spacing=np.array(image.GetSpacing()),
+        direction=np.array(image.GetDirection()).reshape(3, 3),
+        size=image.GetSize(),
+    )
+
+
+def to_sitk(volume: Volume) -> sitk.Image:
+    image = sitk.GetImageFromArray(volume.array)
+    apply_geometry(image, volume.geometry)
+    return image
+
+
+def apply_geometry(image: sitk.Image, geometry: Geometry) -> None:
+    image.SetOrigin(tuple(float(v) for v in geometry.origin))
+    image.SetSpacing(tuple(float(v) for v in geometry.spacing))
+    image.SetDirection(tuple(float(v) for v in geometry.direction.ravel()))
+
+
+def from_sitk(image: sitk.Image, name: str = "") -> Volume:
+    if image.GetDimension() != 3:
+        raise InputError(f"{name or 'image'}: expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{name or 'image'}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
+        )
+    return Volume(sitk.GetArrayFromImage(image), geometry_from_sitk(image), name)
+
+
+# --- reading -----------------------------------------------------------------------------
+def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volume:
+    """Read a NIfTI / NRRD / MHA file or a DICOM series folder; one-line errors on bad input."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    try:
+        if p.is_dir():
+            image = _read_dicom_series(p)
+        else:
+            image = sitk.ReadImage(str(p)) if pixel_type is None else sitk.ReadImage(str(p), pixel_type)
+    except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unknown error")
+        raise InputError(f"{p}: cannot read as a medical image ({first[:160]})") from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    vol = from_sitk(image, case_name(p))
+    vol.meta["path"] = str(p)
+    return vol
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise InputError(f"{folder}: folder holds {len(series)} DICOM series; put one series per folder")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def read_ct(path: str | os.PathLike) -> Volume:
+    """Read a CT and check that it holds Hounsfield units (float32 array)."""
+    vol = read_volume(path, sitk.sitkFloat32)
+    check_ct(vol)
+    return vol
+
+
+def read_labels(path: str | os.PathLike) -> Volume:
+    vol = read_volume(path)
+    if not np.issubdtype(vol.array.dtype, np.integer):
+        rounded = np.rint(vol.array)
+        if not np.allclose(rounded, vol.array):
+            raise InputError(f"{path}: label map holds non-integer values; expected a label map")
+        vol = vol.with_array(rounded.astype(np.int32))
+    return vol
+
+
+def check_ct(volume: Volume) -> None:
+    """Reject images that are not CT in Hounsfield units (MRI, PET, pre-normalised data).
+
+    A CT in HU has air well below -500 HU around or inside the body; MRI and normalised
+    images start at or near zero. Small scans must still contain some air or fat.
+    """
+    arr = volume.array
+    low = float(np.percentile(arr, 1.0)) if arr.size else 0.0
+    if low > -500:
+        raise InputError(
+            f"{volume.name or 'image'}: does not look like a CT in Hounsfield units "
+            f"(1st percentile {low:.0f}, expected air near -1000); MedLSAM needs raw CT HU, not MRI or normalised data"
+        )
+    if min(volume.geometry.size) < 2:
+        raise InputError(f"{volume.name or 'image'}: image is not 3D (size {volume.geometry.size})")
+
+
+# --- writing -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path`` (same extension); rename over ``path`` on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith((".nii.gz", ".seg.nrrd")) else target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> None:
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(to_sitk(volume), str(tmp), compress)

@@ -1,0 +1,222 @@
+"""Templates: one CT plus, per structure, its six extreme points.
+
+On disk a template is a folder::
+
+    template.json            manifest: image path, structures (name, label, color, window)
+    <Structure>.mrk.json     the six extreme points, a Slicer markups file (LPS)
+
+``template.json`` is plain data; nothing read from it is executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .geometry import POINT_NAMES, Geometry, point_axis, validate_extreme_points
+from .io import Volume, read_ct, read_labels, write_text_atomic
+from .markups import read_markups, write_markups
+
+MANIFEST = "template.json"
+FORMAT = "medlsam-template"
+VERSION = 1
+
+# Distinct, colour-blind friendly defaults, indexed by label value.
+_PALETTE = [
+    (0.90, 0.62, 0.00), (0.34, 0.71, 0.91), (0.00, 0.62, 0.45), (0.94, 0.89, 0.26),
+    (0.00, 0.45, 0.70), (0.84, 0.37, 0.00), (0.80, 0.47, 0.65), (0.60, 0.60, 0.60),
+]
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
+
+
+def default_color(label: int) -> tuple[float, float, float]:
+    return _PALETTE[(int(label) - 1) % len(_PALETTE)]
+
+
+def check_structure_name(name: str) -> str:
+    """Structure names become file names: letters, digits, space, '_', '-', '.' only."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name.endswith("."):
+        raise InputError(
+            f"invalid structure name {name!r}: use letters, digits, spaces, '_', '-' or '.' (max 64 characters)"
+        )
+    return name
+
+
+@dataclass
+class Structure:
+    name: str
+    label: int
+    points: np.ndarray  # (6, 3) LPS mm in POINT_NAMES order
+    color: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    window: tuple[float, float] | None = None  # SAM display window in HU, if not the default
+
+    def __post_init__(self):
+        check_structure_name(self.name)
+        if int(self.label) < 1 or int(self.label) > 65535:
+            raise InputError(f"structure {self.name}: label value must be 1..65535, got {self.label}")
+        self.label = int(self.label)
+        try:
+            self.points = validate_extreme_points(self.points)
+        except ValueError as exc:
+            raise InputError(f"structure {self.name}: {exc}") from None
+        if self.window is not None:
+            lo, hi = (float(v) for v in self.window)
+            if not hi > lo:
+                raise InputError(f"structure {self.name}: window must be [low, high] with low < high")
+            self.window = (lo, hi)
+
+    def point(self, name: str) -> np.ndarray:
+        return self.points[POINT_NAMES.index(name)]
+
+
+@dataclass
+class Template:
+    image_path: Path
+    structures: dict[str, Structure] = field(default_factory=dict)
+    directory: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.directory.name if self.directory else self.image_path.name
+
+    def load_image(self) -> Volume:
+        vol = read_ct(self.image_path)
+        check_points_inside(self, vol.geometry)
+        return vol
+
+    def require(self, names) -> list[Structure]:
+        """The named structures, or a one-line error naming what this template lacks."""
+        missing = [n for n in names if n not in self.structures]
+        if missing:
+            raise InputError(f"template {self.name}: structure(s) {', '.join(missing)} not defined "
+                             f"(it has {', '.join(self.structures) or 'none'})")
+        return [self.structures[n] for n in names]
+
+
+def check_points_inside(template: Template, geometry: Geometry) -> None:
+    for s in template.structures.values():
+        inside = geometry.contains_lps(s.points, tolerance=0.5)
+        if not np.all(inside):
+            bad = [POINT_NAMES[i] for i in np.flatnonzero(~inside)]
+            raise InputError(f"template {template.name}: {s.name} point(s) {', '.join(bad)} lie outside the image")
+
+
+# --- disk format -------------------------------------------------------------------------
+def save_template(template: Template, directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s in template.structures.values():
+        mrk = f"{s.name}.mrk.json"
+        write_markups(d / mrk, s.name, s.points, s.color)
+        entry = {"name": s.name, "label": s.label, "color": [round(c, 4) for c in s.color], "points": mrk}
+        if s.window is not None:
+            entry["window"] = list(s.window)
+        entries.append(entry)
+    # Relative only when the CT sits inside the template folder (the folder then moves as one).
+    image = Path(template.image_path).resolve()
+    image_ref = str(image.relative_to(d.resolve())) if image.is_relative_to(d.resolve()) else str(image)
+    manifest = {"format": FORMAT, "version": VERSION, "image": image_ref, "structures": entries}
+    write_text_atomic(d / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    template.directory = d
+    return d
+
+
+def load_template(directory: str | os.PathLike) -> Template:
+    d = Path(directory)
+    manifest_path = d / MANIFEST if d.is_dir() else d
+    d = manifest_path.parent
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{d}: not a template folder (no {MANIFEST}); create one with 'medlsam template from-labels'") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{manifest_path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{manifest_path}: not a MedLSAM template manifest (format must be {FORMAT!r})")
+    if int(manifest.get("version", 0)) > VERSION:
+        raise InputError(f"{manifest_path}: template version {manifest.get('version')} is newer than this MedLSAM")
+    image = manifest.get("image")
+    if not isinstance(image, str) or not image:
+        raise InputError(f"{manifest_path}: 'image' must name the template CT")
+    image_path = Path(image) if os.path.isabs(image) else (d / image)
+    entries = manifest.get("structures")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{manifest_path}: 'structures' must be a non-empty list")
+    template = Template(image_path=image_path, directory=d)
+    labels_seen: dict[int, str] = {}
+    for e in entries:
+        if not isinstance(e, dict) or "name" not in e or "label" not in e:
+            raise InputError(f"{manifest_path}: every structure needs 'name' and 'label'")
+        name = check_structure_name(e["name"])
+        points_file = e.get("points", f"{name}.mrk.json")
+        if not isinstance(points_file, str) or Path(points_file).name != points_file:
+            raise InputError(f"{manifest_path}: structure {name}: 'points' must be a file name inside the template folder")
+        _, points = read_markups(d / points_file)
+        s = Structure(name=name, label=e["label"], points=points,
+                      color=tuple(e.get("color") or default_color(e["label"])), window=e.get("window"))
+        if s.name in template.structures:
+            raise InputError(f"{manifest_path}: structure {s.name} is listed twice")
+        if s.label in labels_seen:
+            raise InputError(f"{manifest_path}: label {s.label} used by both {labels_seen[s.label]} and {s.name}")
+        labels_seen[s.label] = s.name
+        template.structures[s.name] = s
+    return template
+
+
+# --- from a label map ---------------------------------------------------------------------
+def extreme_points_from_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Six LPS extreme points of a binary mask (``[k, j, i]``), each on a foreground voxel centre.
+
+    For each direction, the voxels whose physical coordinate along that axis is extreme (within
+    a quarter voxel, so oblique grids still give a band) are collected, and the one nearest
+    their centroid is taken: a representative point on the structure's extreme face.
+    """
+    kji = np.argwhere(mask)
+    if kji.size == 0:
+        raise InputError("structure is empty")
+    lps = geometry.ijk_to_lps(kji[:, ::-1].astype(float))
+    tol = 0.25 * float(geometry.spacing.min())
+    out = np.empty((6, 3))
+    for n, name in enumerate(POINT_NAMES):
+        axis, sign = point_axis(name)
+        v = sign * lps[:, axis]
+        band = lps[v >= v.max() - tol]
+        out[n] = band[np.argmin(np.linalg.norm(band - band.mean(axis=0), axis=1))]
+    return out
+
+
+def template_from_labels(image_path, labels_path, structures: list[tuple[int, str]], out_dir,
+                         windows: dict[str, tuple[float, float]] | None = None) -> Template:
+    """Derive a template (six points per structure) from a CT and its label map; write it."""
+    if not structures:
+        raise InputError("name at least one structure, e.g. --structure 1:Brainstem")
+    image = read_ct(image_path)
+    labels = read_labels(labels_path)
+    if not labels.geometry.is_close(image.geometry, atol=1e-3):
+        raise InputError(f"{labels_path}: label map geometry differs from the image {image_path}")
+    template = Template(image_path=Path(image_path))
+    for label, name in structures:
+        check_structure_name(name)
+        mask = labels.array == int(label)
+        if not mask.any():
+            present = sorted(int(v) for v in np.unique(labels.array) if v != 0)
+            raise InputError(f"structure {name} (label {label}) is absent from {labels_path} (labels present: {present})")
+        points = extreme_points_from_mask(mask, labels.geometry)
+        template.structures[name] = Structure(name, int(label), points, default_color(label),
+                                              (windows or {}).get(name))
+    save_template(template, out_dir)
+    return template
+
+
+def parse_structure_spec(spec: str) -> tuple[int, str]:
+    """'7:Mandible' -> (7, 'Mandible')."""
+    label, sep, name = spec.partition(":")
+    if not sep or not label.strip().isdigit() or not name.strip():
+        raise InputError(f"--structure {spec!r}: expected LABEL:NAME, e.g. 1:Brainstem")
+    return int(label), check_structure_name(name.strip())

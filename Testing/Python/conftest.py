@@ -1,0 +1,70 @@
+"""Shared fixtures. Tests that need real CT read it from ../shared/data beside the repository
+(or $MEDLSAM_SHARED) and skip with a clear reason when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from MedLSAMLib.geometry import Geometry
+from MedLSAMLib.io import Volume
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("MEDLSAM_SHARED", REPO.parent / "shared"))
+HN = SHARED / "data" / "openkbp_hn"
+SCHEMA = SHARED / "schemas" / "markups-schema-v1.0.3.json"
+CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared data folder beside the repository); not present here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hn_dir() -> Path:
+    return _need(HN)
+
+
+@pytest.fixture(scope="session")
+def markups_schema() -> dict:
+    import json
+
+    return json.loads(_need(SCHEMA).read_text())
+
+
+def hn_case(split_name: str) -> tuple[Path, Path]:
+    base = _need(HN) / split_name
+    return base.parent / f"{base.name}_ct.nii.gz", base.parent / f"{base.name}_label.nii.gz"
+
+
+def rotation(ax, ay, az) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+#: Direction cosines for the geometry tests: oblique, permuted-and-flipped (as the shared
+#: OpenKBP files are stored), and identity.
+OBLIQUE = rotation(0.3, -0.2, 0.5)
+PERMUTED = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+@pytest.fixture(params=["identity", "oblique", "permuted"])
+def geometry(request) -> Geometry:
+    direction = {"identity": np.eye(3), "oblique": OBLIQUE, "permuted": PERMUTED}[request.param]
+    return Geometry(origin=[-120.5, 33.25, 810.0], spacing=[0.8, 1.1, 2.5], direction=direction, size=(40, 30, 20))
+
+
+def phantom(geometry: Geometry, centre_lps, radius_mm: float, inside=300.0, outside=-1000.0) -> Volume:
+    """A ball of ``inside`` HU in ``outside`` HU, sampled on ``geometry``."""
+    k, j, i = np.indices(geometry.shape_kji)
+    ijk = np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float)
+    lps = geometry.ijk_to_lps(ijk)
+    d = np.linalg.norm(lps - np.asarray(centre_lps), axis=1).reshape(geometry.shape_kji)
+    return Volume(np.where(d <= radius_mm, inside, outside).astype(np.float32), geometry, "phantom")

@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+
+from MedLSAMLib import geometry as g
+from MedLSAMLib.geometry import Geometry, GeometryError
+
+from conftest import OBLIQUE, PERMUTED
+
+
+def random_lps(geom: Geometry, n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    ijk = rng.uniform(-0.5, np.asarray(geom.size) - 0.5, size=(n, 3))
+    return geom.ijk_to_lps(ijk)
+
+
+def test_ijk_lps_round_trip_exact(geometry):
+    lps = random_lps(geometry)
+    back = geometry.ijk_to_lps(geometry.lps_to_ijk(lps))
+    assert np.max(np.abs(back - lps)) < 1e-6
+
+
+def test_matrices_agree_with_point_functions(geometry):
+    ijk = np.array([[1.0, 2.0, 3.0], [7.5, 0.0, 19.0]])
+    hom = np.c_[ijk, np.ones(2)]
+    assert np.allclose((geometry.ijk_to_lps_matrix @ hom.T).T[:, :3], geometry.ijk_to_lps(ijk))
+    assert np.allclose(geometry.lps_to_ijk_matrix @ geometry.ijk_to_lps_matrix, np.eye(4), atol=1e-12)
+    ras = (geometry.ijk_to_ras_matrix @ hom.T).T[:, :3]
+    assert np.allclose(ras, g.lps_to_ras(geometry.ijk_to_lps(ijk)))
+    assert np.allclose(geometry.ras_to_ijk(ras), ijk)
+
+
+def test_lps_ras_flip_is_involution():
+    p = np.array([[1.0, -2.0, 3.0]])
+    assert np.allclose(g.lps_to_ras(p), [[-1.0, 2.0, 3.0]])
+    assert np.allclose(g.ras_to_lps(g.lps_to_ras(p)), p)
+
+
+def test_lps_canonical_round_trip_exact(geometry):
+    """LPS -> canonical voxel -> LPS is exact to 1e-6 mm on oblique and permuted volumes."""
+    canon = g.canonical_geometry(geometry, spacing=3.0)
+    lps = random_lps(geometry, seed=1)
+    vox = canon.lps_to_ijk(lps)
+    assert np.max(np.abs(canon.ijk_to_lps(vox) - lps)) < 1e-6
+    # and original ijk -> canonical ijk -> original ijk
+    ijk = geometry.lps_to_ijk(lps)
+    back = g.map_points(g.map_points(ijk, geometry, canon), canon, geometry)
+    assert np.max(np.abs(back - ijk)) < 1e-9
+
+
+def test_canonical_grid_orientation_and_coverage(geometry):
+    canon = g.canonical_geometry(geometry, spacing=3.0)
+    assert np.allclose(canon.spacing, 3.0)
+    # numpy array axes [a0, a1, a2] = ITK k, j, i run Superior, Anterior, Left.
+    step = canon.ijk_to_lps([[0, 0, 1], [0, 1, 0], [1, 0, 0]]) - canon.origin
+    assert np.allclose(step[0], [0, 0, 3])  # k -> +z superior
+    assert np.allclose(step[1], [0, -3, 0])  # j -> -y anterior
+    assert np.allclose(step[2], [3, 0, 0])  # i -> +x left
+    # every original voxel centre falls inside the canonical grid
+    corners = geometry.corners_lps()
+    assert np.all(canon.contains_lps(corners, tolerance=1e-6))
+
+
+def test_axial_axis():
+    assert Geometry([0, 0, 0], [1, 1, 1], np.eye(3), (2, 2, 2)).axial_axis == 2
+    assert Geometry([0, 0, 0], [1, 1, 1], PERMUTED, (2, 2, 2)).axial_axis == 2
+    sagittal_stack = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert Geometry([0, 0, 0], [1, 1, 1], sagittal_stack, (2, 2, 2)).axial_axis == 0
+    assert Geometry([0, 0, 0], [1, 1, 1], OBLIQUE, (2, 2, 2)).axial_axis == int(np.argmax(np.abs(OBLIQUE[2])))
+
+
+def test_geometry_rejects_bad_input():
+    with pytest.raises(GeometryError):
+        Geometry([0, 0, 0], [1, 0, 1], np.eye(3), (2, 2, 2))
+    with pytest.raises(GeometryError):
+        Geometry([0, 0, 0], [1, 1, 1], np.ones((3, 3)), (2, 2, 2))
+
+
+def test_box_iou_and_wall_distance():
+    a = np.array([[0, 0, 0], [10, 10, 10]])
+    b = np.array([[5, 0, 0], [15, 10, 10]])
+    assert g.box_iou(a, a) == pytest.approx(1.0)
+    assert g.box_iou(a, b) == pytest.approx(500 / 1500)
+    assert g.box_iou(a, a + 20) == 0.0
+    assert g.wall_distance(a, b) == pytest.approx((5 + 5) / 6)
+    assert g.wall_distance(a, b, spacing=(2, 1, 1)) == pytest.approx((10 + 10) / 6)
+
+
+def test_box_union_expand_clip():
+    a = np.array([[0, 0, 0], [1, 1, 1]])
+    b = np.array([[-1, 2, 0], [0, 3, 5]])
+    assert np.array_equal(g.box_union(a, b), [[-1, 0, 0], [1, 3, 5]])
+    assert np.array_equal(g.expand_box(a, 2), [[-2, -2, -2], [3, 3, 3]])
+    assert np.array_equal(g.expand_box(a, [1, 0, 0]), [[-1, 0, 0], [2, 1, 1]])
+    assert np.array_equal(g.clip_box([[-5, 0, 2], [3, 9, 4]], [0, 0, 0], [2, 5, 5]), [[0, 0, 2], [2, 5, 4]])
+    with pytest.raises(GeometryError):
+        g.as_box([[1, 1, 1], [0, 0, 0]])
+
+
+def test_box_ijk_lps_round_trip(geometry):
+    box_ijk = np.array([[3, 4, 5], [10, 12, 8]])
+    box_lps = g.box_ijk_to_lps(box_ijk, geometry)
+    back = g.box_lps_to_ijk(box_lps, geometry)
+    # Axis-aligned volumes come back exactly; an oblique one can only grow (the LPS box
+    # of a rotated box is larger), never lose the original voxels.
+    assert np.all(back[0] <= box_ijk[0]) and np.all(back[1] >= box_ijk[1])
+    if not np.allclose(geometry.direction, OBLIQUE):
+        assert np.array_equal(back, box_ijk)
+
+
+def test_extreme_points_box_round_trip():
+    box = np.array([[-10.0, 20.0, 100.0], [30.0, 45.0, 160.0]])
+    pts = g.extreme_points_from_box(box)
+    assert np.allclose(g.box_from_extreme_points(pts), box)
+    named = dict(zip(g.POINT_NAMES, pts))
+    assert named["superior"][2] == 160 and named["inferior"][2] == 100
+    assert named["left"][0] == 30 and named["right"][0] == -10  # LPS: +x is left
+    assert named["anterior"][1] == 20 and named["posterior"][1] == 45  # LPS: +y is posterior
+    assert np.allclose(g.box_from_extreme_points(named), box)
+
+
+@pytest.mark.parametrize("swap,message", [
+    (("superior", "inferior"), "superior point is below the inferior point"),
+    (("left", "right"), "left point is to the right of the right point"),
+    (("anterior", "posterior"), "posterior point is in front of the anterior point"),
+])
+def test_contradictory_points_rejected(swap, message):
+    pts = dict(zip(g.POINT_NAMES, g.extreme_points_from_box([[0, 0, 0], [10, 10, 10]])))
+    pts[swap[0]], pts[swap[1]] = pts[swap[1]], pts[swap[0]]
+    with pytest.raises(GeometryError, match=message):
+        g.validate_extreme_points(pts)
+
+
+def test_point_count_and_names_checked():
+    with pytest.raises(GeometryError, match="6 extreme points"):
+        g.points_as_array(np.zeros((5, 3)))
+    pts = dict(zip(g.POINT_NAMES, np.zeros((6, 3))))
+    pts["top"] = pts.pop("superior")
+    with pytest.raises(GeometryError, match="unknown point name"):
+        g.points_as_array(pts)
