@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from MedLSAMLib import __version__
+from MedLSAMLib.cli import main
+
+from conftest import hn_case
+
+SUBCOMMANDS = ["template", "localize", "segment", "evaluate", "train", "demo"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "MedLSAMLib", *args], capture_output=True, text=True)
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"medlsam {__version__}"
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: medlsam " + command in capsys.readouterr().out
+
+
+def test_usage_error_is_one_line_exit_2():
+    r = run_cli("template", "from-labels", "--image", "x.nii.gz")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "required" in r.stderr
+
+
+def test_user_error_is_one_line_no_traceback(tmp_path):
+    ct, labels = hn_case("train-pats/pt_1")
+    r = run_cli("template", "from-labels", "--image", str(ct), "--labels", str(labels),
+                "--structure", "9:Nothing", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("medlsam: error: structure Nothing (label 9) is absent")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = run_cli("template", "from-labels", "--image", str(tmp_path / "none.nii.gz"), "--labels", str(labels),
+                "--structure", "1:Brainstem", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+    r = run_cli("template", "from-labels", "--image", str(ct), "--labels", str(labels),
+                "--structure", "Brainstem", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "expected LABEL:NAME" in r.stderr
+
+
+def test_template_from_labels_then_check(tmp_path):
+    ct, labels = hn_case("train-pats/pt_1")
+    out = tmp_path / "tpl"
+    assert main(["template", "from-labels", "--image", str(ct), "--labels", str(labels),
+                 "--structure", "1:Brainstem", "--structure", "7:Mandible", "--out", str(out)]) == 0
+    r = run_cli("template", "check", str(out))
+    assert r.returncode == 0 and "Mandible" in r.stdout and r.stdout.strip().endswith("ok")
