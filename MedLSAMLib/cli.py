@@ -70,6 +70,37 @@ def _cmd_template_check(args) -> int:
     return 0
 
 
+def _add_train_command(sub) -> None:
+    p = sub.add_parser("train", help="self-supervised training of the MedLAM localizer",
+                       description="Train MedLAM (UAM + MSS) on unlabeled CTs. Writes OUT/medlam.pt (weights), "
+                       "OUT/last.pt (resumable state), OUT/loss.csv and OUT/loss.png.")
+    p.add_argument("--images", required=True, help="folder of CTs, or a text file with one CT path per line")
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--config", choices=["lite", "reference"], default="lite",
+                   help="network size: lite (CPU-trainable, default) or reference (the paper's)")
+    p.add_argument("--steps", type=int, default=2000, help="total optimisation steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=2, help="patch pairs per step (default 2)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
+    p.add_argument("--seed", type=int, default=2023)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="save state this often (default 5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .medlam.training import Trainer, TrainOptions, list_images
+
+    opts = TrainOptions(config=args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.seed, checkpoint_minutes=args.checkpoint_minutes, device=args.device)
+    trainer = Trainer(list_images(args.images), Path(args.out), opts, log=lambda m: print(m, file=sys.stderr))
+    weights = trainer.run(resume=args.resume)
+    print(f"trained {trainer.step} steps; weights: {weights}; curves: {Path(args.out) / 'loss.png'}")
+    return 0
+
+
 def _not_yet(name: str):
     def run(args) -> int:
         raise InputError(f"'medlsam {name}' is not available in this version yet")
@@ -86,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_template_commands(sub)
+    _add_train_command(sub)
     for name, text in (
         ("localize", "find template structures in new CTs (3D boxes)"),
         ("segment", "localize and segment structures in a cohort of CTs"),
         ("evaluate", "compare predicted segmentations with reference label maps"),
-        ("train", "self-supervised training of the MedLAM localizer"),
         ("demo", "run the built-in offline demonstration"),
     ):
         p = sub.add_parser(name, help=text, description=text)
