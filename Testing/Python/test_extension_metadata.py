@@ -1,0 +1,64 @@
+"""The Slicer build files agree with each other and with the package."""
+import json
+import re
+
+from conftest import REPO
+
+CMAKE_TO_S4EXT = {
+    "EXTENSION_HOMEPAGE": "homepage",
+    "EXTENSION_CATEGORY": "category",
+    "EXTENSION_CONTRIBUTORS": "contributors",
+    "EXTENSION_DESCRIPTION": "description",
+    "EXTENSION_ICONURL": "iconurl",
+    "EXTENSION_SCREENSHOTURLS": "screenshoturls",
+    "EXTENSION_DEPENDS": "depends",
+}
+
+
+def cmake_sets(text):
+    return {m.group(1): m.group(2) for m in re.finditer(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', text)}
+
+
+def s4ext_fields(text):
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            out[key] = value.strip()
+    return out
+
+
+def test_s4ext_mirrors_cmake_metadata():
+    cmake_text = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\(MedLSAM\)", cmake_text, re.M)
+    cmake = cmake_sets(cmake_text)
+    s4ext = s4ext_fields((REPO / "MedLSAM.s4ext").read_text())
+    assert set(CMAKE_TO_S4EXT) <= set(cmake)
+    for key, field in CMAKE_TO_S4EXT.items():
+        assert s4ext[field] == cmake[key], key
+    assert cmake["EXTENSION_CATEGORY"] == "Segmentation" and "PyTorch" in cmake["EXTENSION_DEPENDS"].split()
+
+
+def test_index_json_agrees():
+    entry = json.loads((REPO / "MedLSAM.json").read_text())
+    s4ext = s4ext_fields((REPO / "MedLSAM.s4ext").read_text())
+    assert entry["category"] == s4ext["category"]
+    assert entry["scm_url"] == s4ext["scmurl"]
+    assert entry["build_dependencies"] == s4ext["depends"].split()
+
+
+def test_module_cmake_installs_every_library_file():
+    listed = set(re.findall(r"^\s+(MedLSAMLib/\S+\.py)\s*$", (REPO / "MedLSAM" / "CMakeLists.txt").read_text(), re.M))
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "MedLSAMLib").rglob("*.py")}
+    assert on_disk == listed, f"missing from MedLSAM/CMakeLists.txt: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
+
+
+def test_core_never_imports_slicer_qt_ctk():
+    pattern = re.compile(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", re.M)
+    offenders = [p.name for p in (REPO / "MedLSAMLib").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_icons_are_png():
+    for path in (REPO / "Resources" / "MedLSAM.png", REPO / "MedLSAM" / "Resources" / "Icons" / "MedLSAM.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
