@@ -101,6 +101,39 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_localize_command(sub) -> None:
+    p = sub.add_parser("localize", help="find template structures in a CT (3D boxes)",
+                       description="Localize every template structure in QUERY with MedLAM and write boxes.json: "
+                       "per structure presence, confidence, box in voxel indices (inclusive, i fastest) and LPS mm.")
+    p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
+    p.add_argument("--image", required=True, help="query CT")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--mode", choices=["wpl", "spl"], default="wpl",
+                   help="wpl: one box per structure (default); spl: one box per 6 mm sub-part (needs template label maps)")
+    p.add_argument("--checkpoint", help="MedLAM weights (default: the shipped head-and-neck checkpoint; "
+                   "the authors' medlam.pth works too)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_cmd_localize)
+
+
+def _cmd_localize(args) -> int:
+    import json
+
+    from .io import write_text_atomic
+    from .localize import TemplateLocalizer, set_cpu_threads
+
+    set_cpu_threads()
+    loc = TemplateLocalizer(args.template, mode=args.mode, checkpoint=args.checkpoint, device=args.device)
+    result = loc.localize(args.image)
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    print(f"{'structure':<16} {'present':>7} {'conf':>5}  box_ijk")
+    for name, r in result["structures"].items():
+        flag = "" if r["present"] and r["confidence"] >= 0.3 else "  <- review"
+        print(f"{name:<16} {str(r['present']):>7} {r['confidence']:5.2f}  {r['box_ijk']}{flag}")
+    print(f"wrote {args.out} ({result['timing_s']['total_query'] + loc.setup_s:.1f} s)")
+    return 0
+
+
 def _not_yet(name: str):
     def run(args) -> int:
         raise InputError(f"'medlsam {name}' is not available in this version yet")
@@ -118,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_template_commands(sub)
     _add_train_command(sub)
+    _add_localize_command(sub)
     for name, text in (
-        ("localize", "find template structures in new CTs (3D boxes)"),
         ("segment", "localize and segment structures in a cohort of CTs"),
         ("evaluate", "compare predicted segmentations with reference label maps"),
         ("demo", "run the built-in offline demonstration"),

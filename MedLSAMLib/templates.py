@@ -79,6 +79,7 @@ class Template:
     image_path: Path
     structures: dict[str, Structure] = field(default_factory=dict)
     directory: Path | None = None
+    labels_path: Path | None = None  # optional label map (enables sub-part localization, SPL)
 
     @property
     def name(self) -> str:
@@ -88,6 +89,9 @@ class Template:
         vol = read_ct(self.image_path)
         check_points_inside(self, vol.geometry)
         return vol
+
+    def load_labels(self) -> Volume | None:
+        return read_labels(self.labels_path) if self.labels_path else None
 
     def require(self, names) -> list[Structure]:
         """The named structures, or a one-line error naming what this template lacks."""
@@ -118,13 +122,25 @@ def save_template(template: Template, directory: str | os.PathLike) -> Path:
         if s.window is not None:
             entry["window"] = list(s.window)
         entries.append(entry)
-    # Relative only when the CT sits inside the template folder (the folder then moves as one).
-    image = Path(template.image_path).resolve()
-    image_ref = str(image.relative_to(d.resolve())) if image.is_relative_to(d.resolve()) else str(image)
-    manifest = {"format": FORMAT, "version": VERSION, "image": image_ref, "structures": entries}
+    manifest = {"format": FORMAT, "version": VERSION, "image": _path_ref(template.image_path, d),
+                "structures": entries}
+    if template.labels_path:
+        manifest["labels"] = _path_ref(template.labels_path, d)
     write_text_atomic(d / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     template.directory = d
     return d
+
+
+def _path_ref(path, directory: Path) -> str:
+    """Relative only when the file sits inside the template folder (the folder then moves as one)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(directory.resolve())) if p.is_relative_to(directory.resolve()) else str(p)
+
+
+def _resolve_ref(ref, directory: Path, what: str, manifest_path: Path) -> Path:
+    if not isinstance(ref, str) or not ref:
+        raise InputError(f"{manifest_path}: '{what}' must be a file path")
+    return Path(ref) if os.path.isabs(ref) else directory / ref
 
 
 def load_template(directory: str | os.PathLike) -> Template:
@@ -141,14 +157,12 @@ def load_template(directory: str | os.PathLike) -> Template:
         raise InputError(f"{manifest_path}: not a MedLSAM template manifest (format must be {FORMAT!r})")
     if int(manifest.get("version", 0)) > VERSION:
         raise InputError(f"{manifest_path}: template version {manifest.get('version')} is newer than this MedLSAM")
-    image = manifest.get("image")
-    if not isinstance(image, str) or not image:
-        raise InputError(f"{manifest_path}: 'image' must name the template CT")
-    image_path = Path(image) if os.path.isabs(image) else (d / image)
+    image_path = _resolve_ref(manifest.get("image"), d, "image", manifest_path)
+    labels_path = _resolve_ref(manifest["labels"], d, "labels", manifest_path) if manifest.get("labels") else None
     entries = manifest.get("structures")
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{manifest_path}: 'structures' must be a non-empty list")
-    template = Template(image_path=image_path, directory=d)
+    template = Template(image_path=image_path, directory=d, labels_path=labels_path)
     labels_seen: dict[int, str] = {}
     for e in entries:
         if not isinstance(e, dict) or "name" not in e or "label" not in e:
@@ -180,8 +194,11 @@ def extreme_points_from_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray
     kji = np.argwhere(mask)
     if kji.size == 0:
         raise InputError("structure is empty")
-    lps = geometry.ijk_to_lps(kji[:, ::-1].astype(float))
-    tol = 0.25 * float(geometry.spacing.min())
+    return extreme_points_of_cloud(geometry.ijk_to_lps(kji[:, ::-1].astype(float)), 0.25 * float(geometry.spacing.min()))
+
+
+def extreme_points_of_cloud(lps: np.ndarray, tol: float) -> np.ndarray:
+    """Six extreme points (POINT_NAMES order) of an (N, 3) LPS point cloud, each one of its points."""
     out = np.empty((6, 3))
     for n, name in enumerate(POINT_NAMES):
         axis, sign = point_axis(name)
@@ -200,7 +217,7 @@ def template_from_labels(image_path, labels_path, structures: list[tuple[int, st
     labels = read_labels(labels_path)
     if not labels.geometry.is_close(image.geometry, atol=1e-3):
         raise InputError(f"{labels_path}: label map geometry differs from the image {image_path}")
-    template = Template(image_path=Path(image_path))
+    template = Template(image_path=Path(image_path), labels_path=Path(labels_path))
     for label, name in structures:
         check_structure_name(name)
         mask = labels.array == int(label)

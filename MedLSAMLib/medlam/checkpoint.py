@@ -27,7 +27,9 @@ FRAME = {
     "distance_ratio_mm": [1500.0, 600.0, 600.0],
 }
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "medlam_lite_hn.pt"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_CHECKPOINT = MODELS_DIR / "medlam_lite_hn.pt"
+SHA256SUMS = MODELS_DIR / "SHA256SUMS"
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -36,6 +38,21 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_default_checkpoint() -> Path:
+    """Check the shipped checkpoint against its recorded SHA256 (catches truncated or swapped files)."""
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise InputError(f"the shipped MedLAM checkpoint is missing ({DEFAULT_CHECKPOINT}); reinstall MedLSAM "
+                         "or pass --checkpoint")
+    expected = {}
+    for line in SHA256SUMS.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split()
+            expected[name] = digest
+    if expected.get(DEFAULT_CHECKPOINT.name) != sha256(DEFAULT_CHECKPOINT):
+        raise InputError(f"{DEFAULT_CHECKPOINT}: SHA256 does not match {SHA256SUMS.name}; the file is damaged")
+    return DEFAULT_CHECKPOINT
 
 
 def save_weights(model: MedLAM, path: str | os.PathLike, info: dict | None = None, half: bool = False) -> None:

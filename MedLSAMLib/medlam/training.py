@@ -292,7 +292,7 @@ class Trainer:
             torch.save(state, tmp)
         info = {"steps": self.step, "wall_s": round(self.wall_seconds(), 1), "device": str(self.device),
                 "options": asdict(self.opts), "train_volumes": len(self.train_names),
-                "val_volumes": self.val_names, "torch": torch.__version__}
+                "val_volumes": self.val_names, "torch": str(torch.__version__)}
         save_weights(self.model, self.out / "medlam.pt", info)
         self._write_curves()
 

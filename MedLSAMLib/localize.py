@@ -1,0 +1,67 @@
+"""Localization as a user runs it: templates + a query CT -> boxes.json content.
+
+Shared by ``medlsam localize``, the segmentation pipeline and the Slicer logic.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .io import Volume, read_ct
+from .medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
+from .medlam.search import Localizer, SearchOptions, SupportSet, prepare
+from .medlam.training import resolve_device
+from .templates import Template, load_template
+
+
+class TemplateLocalizer:
+    """Loads the network and the templates' support features once; localizes any number of CTs."""
+
+    def __init__(self, template_dirs, *, mode: str = "wpl", checkpoint=None, device: str = "auto",
+                 structures: list[str] | None = None, options: SearchOptions | None = None):
+        t0 = time.perf_counter()
+        self.device = resolve_device(device)
+        if checkpoint is None:
+            verify_default_checkpoint()
+        self.checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+        model = load_medlam(self.checkpoint, self.device)
+        opts = options or SearchOptions()
+        opts.mode = mode
+        self.localizer = Localizer(model, self.device, opts)
+        self.templates: list[Template] = [load_template(d) for d in template_dirs]
+        if not self.templates:
+            raise InputError("give at least one --template")
+        self.structures = structures or list(self.templates[0].structures)
+        self.support: SupportSet = self.localizer.support(self.templates, self.structures)
+        self.setup_s = time.perf_counter() - t0
+
+    def localize(self, image: str | Path | Volume) -> dict:
+        t0 = time.perf_counter()
+        volume = image if isinstance(image, Volume) else read_ct(image)
+        t_read = time.perf_counter()
+        prepared = prepare(volume, self.device)
+        t_prep = time.perf_counter()
+        result = self.localizer.localize(prepared, self.support)
+        timing = {"read": t_read - t0, "preprocess": t_prep - t_read, **result.pop("timing_s"),
+                  "templates_setup": self.setup_s}
+        timing["total_query"] = time.perf_counter() - t0
+        return {
+            "image": str(volume.meta.get("path", volume.name)),
+            "mode": self.localizer.opts.mode,
+            "templates": [str(t.directory) for t in self.templates],
+            "checkpoint": {"path": str(self.checkpoint), "sha256": sha256(self.checkpoint)},
+            "device": str(self.device),
+            "structures": result["structures"],
+            "timing_s": {k: round(v, 3) for k, v in timing.items()},
+        }
+
+
+def set_cpu_threads() -> None:
+    """Use every core for torch on CPU (torch defaults can be lower inside containers)."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
