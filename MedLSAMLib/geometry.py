@@ -324,3 +324,47 @@ def extreme_points_from_box(box_lps) -> np.ndarray:
 def point_axis(name: str) -> tuple[int, int]:
     """(LPS axis, +1 for max / -1 for min) of an extreme point name."""
     return _POINT_AXIS[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Per-slice 2D boxes for the segmenter
+# ---------------------------------------------------------------------------------------
+def slice_boxes(boxes_ijk, geometry: Geometry, margin_px_at_1024: float = 10.0) -> dict[int, tuple[int, int, int, int]]:
+    """One 2D box per axial slice from a structure's inclusive ijk box(es).
+
+    Slices run along ``geometry.axial_axis``; the 2D box is ``(u0, v0, u1, v1)`` over the two
+    other voxel axes in increasing order (for an axial-stored CT: u = i = column, v = j = row),
+    grown by the paper's 10 px margin at SAM's 1024 input size (scaled to this slice size) and
+    clipped to the image. Sub-boxes that overlap on a slice are united; slices in a gap
+    between sub-boxes get the union of the sub-boxes on either side, so a structure is never
+    cut in two by a localization gap.
+    """
+    boxes = [np.asarray(b, dtype=int).reshape(2, 3) for b in boxes_ijk]
+    if not boxes:
+        return {}
+    ax = geometry.axial_axis
+    u_ax, v_ax = [a for a in range(3) if a != ax]
+    size = np.asarray(geometry.size)
+    margin = margin_px_at_1024 * size / 1024.0
+    per_slice: dict[int, list[np.ndarray]] = {}
+    for b in boxes:
+        for s in range(int(b[0, ax]), int(b[1, ax]) + 1):
+            per_slice.setdefault(s, []).append(b)
+    covered = sorted(per_slice)
+    for s in range(covered[0], covered[-1] + 1):
+        if s not in per_slice:  # gap: take the neighbours on both sides
+            below = max(c for c in covered if c < s)
+            above = min(c for c in covered if c > s)
+            per_slice[s] = per_slice[below] + per_slice[above]
+    out = {}
+    for s, bs in sorted(per_slice.items()):
+        if not 0 <= s < size[ax]:
+            continue
+        lo = np.min([b[0] for b in bs], axis=0)
+        hi = np.max([b[1] for b in bs], axis=0)
+        u0 = int(max(0, np.floor(lo[u_ax] - margin[u_ax])))
+        v0 = int(max(0, np.floor(lo[v_ax] - margin[v_ax])))
+        u1 = int(min(size[u_ax] - 1, np.ceil(hi[u_ax] + margin[u_ax])))
+        v1 = int(min(size[v_ax] - 1, np.ceil(hi[v_ax] + margin[v_ax])))
+        out[s] = (u0, v0, u1, v1)
+    return out

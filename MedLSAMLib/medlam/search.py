@@ -293,7 +293,8 @@ def _cloud(labels: Volume, value: int) -> np.ndarray:
 
 
 def _part_points(cloud: np.ndarray, n_parts: int) -> list[np.ndarray]:
-    """Split an LPS point cloud into ``n_parts`` slabs along head-foot; six points per slab."""
+    """Split an LPS point cloud into ``n_parts`` equal slabs along head-foot, from inferior to
+    superior; six extreme points per slab."""
     z = cloud[:, 2]
     edges = np.linspace(z.min(), z.max(), n_parts + 1)
     out = []

@@ -137,3 +137,24 @@ def test_point_count_and_names_checked():
     pts["top"] = pts.pop("superior")
     with pytest.raises(GeometryError, match="unknown point name"):
         g.points_as_array(pts)
+
+
+def test_slice_boxes_margin_clip_and_gaps():
+    geom = Geometry([0, 0, 0], [1, 1, 3], np.eye(3), (512, 512, 40))
+    boxes = [[[100, 200, 5], [150, 260, 9]], [[110, 190, 12], [170, 250, 15]]]
+    sb = g.slice_boxes(boxes, geom)  # margin = 10 px at 1024 -> 5 px at 512
+    assert sorted(sb) == list(range(5, 16))
+    assert sb[5] == (95, 195, 155, 265)
+    assert sb[13] == (105, 185, 175, 255)
+    assert sb[10] == sb[11] == (95, 185, 175, 265)  # the gap takes both neighbours
+    edge = g.slice_boxes([[[0, 0, 0], [511, 3, 0]]], geom)
+    assert edge[0] == (0, 0, 511, 8)  # clipped to the image
+
+
+def test_slice_boxes_follow_the_axial_axis_of_permuted_volumes():
+    geom = Geometry([0, 0, 0], [2, 2, 2], PERMUTED, (64, 64, 30))  # k is head-foot
+    sagittal = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    geom_sag = Geometry([0, 0, 0], [2, 2, 2], sagittal, (30, 64, 64))  # i is head-foot
+    assert set(g.slice_boxes([[[10, 20, 3], [20, 30, 4]]], geom)) == {3, 4}
+    sb = g.slice_boxes([[[3, 10, 20], [4, 20, 30]]], geom_sag, margin_px_at_1024=0)
+    assert set(sb) == {3, 4} and sb[3] == (10, 20, 20, 30)
