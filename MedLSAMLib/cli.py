@@ -166,6 +166,87 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _add_segment_command(sub) -> None:
+    p = sub.add_parser("segment", help="localize and segment template structures in a cohort of CTs",
+                       description="For every CT: MedLAM boxes, then SAM-style segmentation of every slice inside them. "
+                       "Writes <case>.seg.nrrd, <case>_labels.nii.gz and <case>.json per case and summary.json.")
+    p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", nargs="+", metavar="CT", help="CT file(s) or DICOM folder(s)")
+    src.add_argument("--images-dir", help="folder of CTs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", choices=["wpl", "spl"], default="spl",
+                   help="spl (default): a box per 6 mm sub-part (needs template label maps, else wpl); wpl: one box")
+    p.add_argument("--segmenter", choices=["litemedsam", "sam-vit-b", "medsam-vit-b"], default="litemedsam")
+    p.add_argument("--checkpoint", help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b)")
+    p.add_argument("--medlam-checkpoint", help="MedLAM weights (default: shipped)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
+    p.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
+    p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes slice by slice")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="do not resolve overlaps (by default the more probable structure wins)")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _cmd_segment(args) -> int:
+    from .localize import TemplateLocalizer, set_cpu_threads
+    from .pipeline import CohortSegmenter, list_cohort, run_cohort
+    from .segment.backends import load_segmenter
+    from .segment.slices import SegmentOptions
+
+    set_cpu_threads()
+    images = list_cohort(args.image, args.images_dir)
+    localizer = TemplateLocalizer(args.template, mode=args.mode, checkpoint=args.medlam_checkpoint, device=args.device)
+    if localizer.device.type == "cpu":
+        print("note: running on CPU", file=sys.stderr)
+    segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device)
+    options = SegmentOptions(largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
+                             resolve_overlaps=not args.allow_overlap)
+    summary = run_cohort(CohortSegmenter(localizer, segmenter, options), images, __import__("pathlib").Path(args.out),
+                         resume=args.resume)
+    names = localizer.structures
+    print(f"\n{'case':<24} {'status':<8} {'s':>6}  " + "  ".join(f"{n[:12]:>12}" for n in names))
+    for c in summary["cases"]:
+        cells = []
+        for n in names:
+            st = c["structures"].get(n)
+            text = "-" if not st else ("absent" if not st["present"] else f"{st['confidence']:.2f}")
+            cells.append(f"{text:>12}")
+        print(f"{c['case']:<24} {c['status']:<8} {c['seconds']:6.1f}  " + "  ".join(cells))
+        if c["error"]:
+            print(f"    error: {c['error']}")
+    counts = summary["counts"]
+    print(f"\n{counts['ok']} segmented, {counts['skipped']} already complete, {counts['failed']} failed; "
+          f"outputs in {args.out} (confidence per structure above; review < 0.3)")
+    return 1 if counts["failed"] else 0
+
+
+def _add_evaluate_command(sub) -> None:
+    p = sub.add_parser("evaluate", help="compare segmentations with reference label maps (Dice, HD95, box IoU)",
+                       description="Score every case in PRED (a 'medlsam segment' output folder) against reference "
+                       "label maps. Writes PRED/evaluation/: metrics.csv, metrics.md, summary.json, boxplots.png, "
+                       "montage.png. Empty predictions count as Dice 0.")
+    p.add_argument("--pred", required=True, help="output folder of 'medlsam segment'")
+    p.add_argument("--labels-dir", required=True, help="folder of reference label maps")
+    p.add_argument("--labels-pattern", default="{case}_label.nii.gz",
+                   help="reference file name for a case (default '{case}_label.nii.gz')")
+    p.add_argument("--case-suffix", default="", help="strip this from case names first (e.g. _ct for pt_1_ct)")
+    p.add_argument("--out", help="report folder (default PRED/evaluation)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate, markdown_table, summarize
+
+    rows = evaluate(args.pred, args.labels_dir, args.labels_pattern, args.case_suffix, args.out)
+    print(markdown_table(summarize(rows)))
+    print(f"reports in {Path(args.out) if args.out else Path(args.pred) / 'evaluation'}")
+    return 0
+
+
 def _not_yet(name: str):
     def run(args) -> int:
         raise InputError(f"'medlsam {name}' is not available in this version yet")
@@ -185,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_localize_command(sub)
     _add_demo_command(sub)
+    _add_segment_command(sub)
+    _add_evaluate_command(sub)
     for name, text in (
-        ("segment", "localize and segment structures in a cohort of CTs"),
-        ("evaluate", "compare predicted segmentations with reference label maps"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(func=_not_yet(name))

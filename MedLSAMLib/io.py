@@ -176,3 +176,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> None:
     with atomic_path(path) as tmp:
         sitk.WriteImage(to_sitk(volume), str(tmp), compress)
+
+
+def write_segmentation(labels: Volume, segments: list[dict], path: str | os.PathLike) -> None:
+    """Write a label map as a 3D Slicer segmentation (``.seg.nrrd``, one layer).
+
+    ``segments``: dicts with ``name``, ``label`` (value in ``labels``) and ``color`` (RGB 0-1).
+    Segments keep the label map's values, so the file and the label map agree voxel for voxel.
+    """
+    import slicerio
+
+    ijk = labels.array.transpose(2, 1, 0)  # slicerio/nrrd index voxels as [i, j, k]
+    dtype = np.uint8 if max((s["label"] for s in segments), default=0) < 256 else np.uint16
+    seg = {
+        "voxels": np.ascontiguousarray(ijk).astype(dtype),
+        "ijkToLPS": labels.geometry.ijk_to_lps_matrix,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": [],
+    }
+    for s in segments:
+        present = np.argwhere(ijk == s["label"])
+        extent = ([int(v) for a in range(3) for v in (present[:, a].min(), present[:, a].max())]
+                  if len(present) else [0, -1, 0, -1, 0, -1])
+        seg["segments"].append({"id": s["name"], "name": s["name"], "labelValue": int(s["label"]), "layer": 0,
+                                "color": [float(c) for c in s["color"]], "extent": extent})
+    with atomic_path(path) as tmp:
+        slicerio.write_segmentation(str(tmp), seg)

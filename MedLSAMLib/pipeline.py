@@ -1,0 +1,166 @@
+"""The main job: localize and segment template structures in every CT of a cohort.
+
+Per case, in OUTDIR: ``<case>.seg.nrrd`` (Slicer segmentation), ``<case>_labels.nii.gz`` (label
+map) and ``<case>.json`` (boxes, confidences, timings, models). Each file is written atomically
+and the JSON last, so a case is complete exactly when its JSON says ``"status": "ok"`` and the
+other two files exist; ``resume`` skips such cases. A failing case is recorded in
+``OUTDIR/summary.json`` with its error and the batch goes on.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import USER_ERRORS, InputError
+from .io import Volume, case_name, read_ct, write_segmentation, write_text_atomic, write_volume
+from .localize import TemplateLocalizer
+from .preprocess import SAM_WINDOW
+from .segment.slices import SegmentOptions, StructureRequest, segment_volume
+
+
+@dataclass
+class CaseResult:
+    case: str
+    image: str
+    status: str  # "ok", "skipped" (already complete), "failed"
+    seconds: float = 0.0
+    error: str | None = None
+    structures: dict = field(default_factory=dict)
+    traceback: str | None = None  # for unexpected errors only (bugs), not for user errors
+
+
+def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
+    return {"seg": out_dir / f"{case}.seg.nrrd", "labels": out_dir / f"{case}_labels.nii.gz",
+            "json": out_dir / f"{case}.json"}
+
+
+def is_complete(out_dir: Path, case: str) -> bool:
+    paths = output_paths(out_dir, case)
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        return json.loads(paths["json"].read_text()).get("status") == "ok"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+class CohortSegmenter:
+    """Templates, localizer and segmenter loaded once; ``segment_case`` per CT."""
+
+    def __init__(self, localizer: TemplateLocalizer, segmenter, options: SegmentOptions | None = None):
+        self.localizer = localizer
+        self.segmenter = segmenter
+        self.options = options or SegmentOptions()
+        first = localizer.templates[0]
+        self.structures = {name: first.structures[name] for name in localizer.structures}
+
+    def segment_volume(self, volume: Volume, progress=None) -> tuple[np.ndarray, dict]:
+        """Label map and the case record (no files written)."""
+        t0 = time.perf_counter()
+        loc = self.localizer.localize(volume)
+        t_loc = time.perf_counter() - t0
+        requests = []
+        for name, r in loc["structures"].items():
+            if r["present"]:
+                s = self.structures[name]
+                requests.append(StructureRequest(name, s.label, r["sub_boxes_ijk"], s.window or SAM_WINDOW))
+        labels, stats, timing = segment_volume(volume, requests, self.segmenter, self.options, progress)
+        for name, r in loc["structures"].items():
+            r.update(stats.get(name, {"voxels": 0}))
+        record = {
+            "image": loc["image"], "mode": loc["mode"], "structures": loc["structures"],
+            "timing_s": {"localize": round(t_loc, 3), **{k: round(v, 3) for k, v in timing.items()},
+                         "total": round(time.perf_counter() - t0, 3)},
+            "models": {"medlam": loc["checkpoint"], "segmenter": self.segmenter.describe()},
+            "medlsam_version": __version__, "python": platform.python_version(),
+        }
+        return labels, record
+
+    def segment_case(self, image_path: Path, out_dir: Path, progress=None) -> CaseResult:
+        case = case_name(image_path)
+        t0 = time.perf_counter()
+        volume = read_ct(image_path)
+        labels, record = self.segment_volume(volume, progress)
+        paths = output_paths(out_dir, case)
+        label_volume = volume.with_array(labels.astype(np.uint16 if labels.max() > 255 else np.uint8))
+        write_volume(label_volume, paths["labels"])
+        write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color}
+                                          for s in self.structures.values()], paths["seg"])
+        record.update({"case": case, "status": "ok", "outputs": {k: p.name for k, p in paths.items()}})
+        write_text_atomic(paths["json"], json.dumps(record, indent=1) + "\n")  # last: marks the case complete
+        return CaseResult(case, str(image_path), "ok", time.perf_counter() - t0,
+                          structures={n: {"present": r["present"], "confidence": r["confidence"],
+                                          "voxels": r.get("voxels", 0)} for n, r in record["structures"].items()})
+
+
+def list_cohort(images=None, images_dir=None) -> list[Path]:
+    from .io import VOLUME_SUFFIXES
+
+    paths = [Path(p) for p in images or []]
+    if images_dir:
+        d = Path(images_dir)
+        if not d.is_dir():
+            raise InputError(f"{d}: no such folder")
+        for p in sorted(d.iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES):
+                paths.append(p)
+    if not paths:
+        raise InputError("no input images: give --image or --images-dir")
+    names = [case_name(p) for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"two inputs share the case name {dupes[0]!r}; outputs would overwrite each other")
+    return paths
+
+
+def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resume: bool = False,
+               show_progress: bool = True) -> dict:
+    """Segment every image; never stop on one failure. Returns (and writes) the summary."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[CaseResult] = []
+    bar = tqdm(images, desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
+    for path in bar:
+        case = case_name(path)
+        bar.set_postfix_str(case)
+        if resume and is_complete(out_dir, case):
+            results.append(CaseResult(case, str(path), "skipped"))
+            continue
+        t0 = time.perf_counter()
+        slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False, disable=not show_progress)
+
+        def progress(done, total, _bar=slice_bar):
+            _bar.total = total
+            _bar.n = done
+            _bar.refresh()
+
+        try:
+            results.append(cohort.segment_case(path, out_dir, progress))
+        except USER_ERRORS as exc:
+            results.append(CaseResult(case, str(path), "failed", time.perf_counter() - t0, str(exc)))
+        except MemoryError:
+            results.append(CaseResult(case, str(path), "failed", time.perf_counter() - t0, "out of memory"))
+        except Exception as exc:  # keep the batch going; the trace goes to the summary
+            results.append(CaseResult(case, str(path), "failed", time.perf_counter() - t0,
+                                      f"{exc.__class__.__name__}: {exc}", traceback=traceback.format_exc(limit=5)))
+        finally:
+            slice_bar.close()
+    summary = {
+        "medlsam_version": __version__,
+        "templates": [str(t.directory) for t in cohort.localizer.templates],
+        "cases": [r.__dict__ for r in results],
+        "counts": {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")},
+    }
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
