@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Geometry, box_from_points, box_iou, wall_distance
+from .geometry import Geometry
 from .io import Volume, from_sitk, to_sitk, write_text_atomic, write_volume
 
 DEMO_STRUCTURES = [(5, "right lung"), (6, "left lung"), (3, "thoracic vertebral column"), (1, "ribs")]
@@ -85,8 +85,12 @@ def deformed_case(ct: Volume, labels: Volume, rng: np.random.Generator) -> tuple
 
 
 def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto", log=print) -> dict:
+    """Template -> deformed cohort -> ``segment`` -> ``evaluate``; returns the evaluation summary."""
+    from .evaluate import evaluate, summarize
     from .io import read_ct
     from .localize import TemplateLocalizer, set_cpu_threads
+    from .pipeline import CohortSegmenter, run_cohort
+    from .segment.backends import load_segmenter
     from .templates import template_from_labels
 
     set_cpu_threads()
@@ -101,61 +105,22 @@ def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto",
     log(f"template: {len(DEMO_STRUCTURES)} structures from {seg_path.name} -> {out_dir / 'template'}")
 
     rng = np.random.default_rng(seed)
-    cohort = []
+    images, deformations = [], {}
     for n in range(cases):
         img, lab, info = deformed_case(ct, labels, rng)
         name = f"case{n + 1:02d}"
         write_volume(img, out_dir / "cohort" / f"{name}.nii.gz")
         write_volume(lab, out_dir / "cohort_labels" / f"{name}_label.nii.gz")
-        cohort.append((name, img, lab, info))
+        images.append(out_dir / "cohort" / f"{name}.nii.gz")
+        deformations[name] = info
     log(f"cohort: {cases} deformed, cropped and noised copies -> {out_dir / 'cohort'}")
 
-    loc = TemplateLocalizer([out_dir / "template"], device=device)
-    rows = []
-    for name, img, lab, info in cohort:
-        img.meta["path"] = str(out_dir / "cohort" / f"{name}.nii.gz")
-        res = loc.localize(img)
-        write_text_atomic(out_dir / "boxes" / f"{name}.json", json.dumps(res, indent=1) + "\n")
-        for value, s in DEMO_STRUCTURES:
-            kji = np.argwhere(lab.array == value)
-            gt = box_from_points(lab.geometry.ijk_to_lps(kji[:, ::-1].astype(float)))
-            r = res["structures"][s]
-            rows.append({"case": name, "structure": s, "iou": box_iou(r["box_lps"], gt),
-                         "wd_mm": wall_distance(r["box_lps"], gt), "confidence": r["confidence"],
-                         "seconds": res["timing_s"]["total_query"]})
-    summary = {"cases": [c[0] for c in cohort], "deformations": {c[0]: c[3] for c in cohort}, "rows": rows,
-               "checkpoint": res["checkpoint"], "seconds": round(time.perf_counter() - t0, 1)}
-    write_text_atomic(out_dir / "demo_summary.json", json.dumps(summary, indent=1) + "\n")
-    _montage(out_dir / "demo_boxes.png", cohort, out_dir / "boxes")
+    localizer = TemplateLocalizer([out_dir / "template"], mode="wpl", device=device)
+    cohort = CohortSegmenter(localizer, load_segmenter("litemedsam", device=localizer.device))
+    batch = run_cohort(cohort, images, out_dir / "results")
+    rows = evaluate(out_dir / "results", out_dir / "cohort_labels")
+    summary = {"cases": [p.stem.split(".")[0] for p in images], "deformations": deformations,
+               "batch": batch["counts"], "metrics": summarize(rows), "rows": rows,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    write_text_atomic(out_dir / "demo_summary.json", json.dumps(summary, indent=1, default=float) + "\n")
     return summary
-
-
-def _montage(path: Path, cohort, boxes_dir: Path) -> None:
-    """Coronal slices of each case with ground-truth (green) and MedLAM (orange) boxes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from .io import atomic_path
-
-    fig, axes = plt.subplots(1, len(cohort), figsize=(4.2 * len(cohort), 4.4), squeeze=False)
-    for ax, (name, img, lab, _) in zip(axes[0], cohort):
-        res = json.loads((boxes_dir / f"{name}.json").read_text())
-        j = img.geometry.size[1] // 2
-        sl = img.array[:, j, :]  # [k, i]: coronal slice through the middle
-        sp = img.geometry.spacing
-        ax.imshow(np.clip(sl, -1000, 600), cmap="gray", origin="lower", aspect=sp[2] / sp[0])
-        for value, s in DEMO_STRUCTURES:
-            kji = np.argwhere(lab.array == value)
-            (k0, _, i0), (k1, _, i1) = kji.min(0), kji.max(0)
-            ax.add_patch(Rectangle((i0, k0), i1 - i0, k1 - k0, fill=False, ec="#2ecc71", lw=1.4))
-            (pi0, _, pk0), (pi1, _, pk1) = res["structures"][s]["box_ijk"]
-            ax.add_patch(Rectangle((pi0, pk0), pi1 - pi0, pk1 - pk0, fill=False, ec="#f39c12", lw=1.4, ls="--"))
-        ax.set_title(f"{name}: truth (green) vs MedLAM (orange)", fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

@@ -9,7 +9,7 @@
    UAM step re-predicts each point from a patch centred on its first prediction.
 3. MSS refinement: a patch centred on each prediction is correlated with that point's templates
    at every scale; the argmax of the summed mean-cosine maps inside the search window moves the
-   point.
+   point. A second, narrower pass re-centres the patch on the match and looks again.
 
 All points of all structures go through the network in batches. Internally points are
 continuous canonical array coordinates ``(a0, a1, a2)`` = (S, A, L) voxels; results are
@@ -47,6 +47,8 @@ class SearchOptions:
     start_patches: int = 10
     uam_steps: int = 2
     search_radius: int = 16  # MSS window, canonical voxels either side (48 mm)
+    fine_radius: int = 6  # second MSS pass, centred on the first match (its patch sees more context)
+    mss_passes: int = 2
     batch_size: int = 8
     seed: int = 2023
 
@@ -194,19 +196,20 @@ class Localizer:
             lat, _ = self._run(query, centres, features=False)
             pred = _uam(support.latents, lat, centres * FRAME["spacing_mm"])
         t_uam = time.perf_counter()
-        refined, score = self._refine(query, support, pred)
+        refined, score = self._refine(query, support, pred, self.opts.search_radius)
+        for _ in range(self.opts.mss_passes - 1):
+            refined, score = self._refine(query, support, refined, self.opts.fine_radius)
         t_mss = time.perf_counter()
         result = self._assemble(query, support, pred, refined, score)
         result["timing_s"] = {"coarse": t_coarse - t0, "uam": t_uam - t_coarse, "mss": t_mss - t_uam,
                               "total": time.perf_counter() - t0}
         return result
 
-    def _refine(self, query: PreparedVolume, support: SupportSet, pred: np.ndarray):
-        """MSS: move each point to the best match of its templates within the search window."""
+    def _refine(self, query: PreparedVolume, support: SupportSet, pred: np.ndarray, r: int):
+        """MSS: move each point to the best match of its templates within +-r voxels."""
         centres = np.clip(np.rint(pred), 0, query.shape - 1)
         refined = centres.astype(float).copy()
         score = np.zeros(len(centres))
-        r = self.opts.search_radius
         size = PATCH - TEMPLATE_VOXELS + 1  # positions 4 .. 60 of the patch
         for s in range(0, len(centres), self.opts.batch_size):
             sl = slice(s, s + self.opts.batch_size)

@@ -40,21 +40,22 @@ class PromptSegmenter:
         raise NotImplementedError
 
     @torch.no_grad()
-    def embed(self, slices: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(slices), dtype=torch.float32, device=self.device)[:, None]
-        # The paper resizes each slice to the model input without keeping the aspect ratio.
-        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = self._normalise(x.clamp(0, 255).repeat(1, 3, 1, 1))
+    def embed(self, slices) -> torch.Tensor:
+        """Embeddings of a batch of 2D uint8 images (a stacked array or a list of any sizes)."""
+        resized = []
+        for sl in slices:
+            x = torch.as_tensor(np.asarray(sl), dtype=torch.float32, device=self.device)[None, None]
+            # Each image is stretched to the model input (the paper does not keep the aspect ratio).
+            resized.append(F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                         align_corners=False))
+        x = self._normalise(torch.cat(resized).clamp(0, 255).repeat(1, 3, 1, 1))
         return self.model.image_encoder(x)
 
     # -- prompt side ---------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, boxes, shape: tuple[int, int]) -> torch.Tensor:
         h, w = shape
-        b = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device).reshape(-1, 4)
-        scale = torch.tensor([self.input_size / w, self.input_size / h] * 2, device=self.device)
-        # Pixel (x0, y0, x1, y1) inclusive -> box corners in the model frame.
-        b = torch.stack([b[:, 0], b[:, 1], b[:, 2] + 1, b[:, 3] + 1], 1) * scale
+        b = torch.as_tensor(model_frame_boxes(boxes, shape, self.input_size), device=self.device)
         sparse, dense = self.model.prompt_encoder(points=None, boxes=b[:, None, :], masks=None)
         logits, _ = self.model.mask_decoder(
             image_embeddings=embedding.reshape(1, *embedding.shape[-3:]),
@@ -138,6 +139,15 @@ class SAMViTB(PromptSegmenter):
         seg = cls.build(state, device, name)
         seg.checkpoint, seg.sha256 = str(path), _sha256(path)
         return seg
+
+
+def model_frame_boxes(boxes, shape: tuple[int, int], input_size: int) -> np.ndarray:
+    """Inclusive pixel boxes (x0, y0, x1, y1) on an H x W slice -> corner coordinates in the
+    model's input_size x input_size frame (the slice is stretched to fill it)."""
+    h, w = shape
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    edges = np.stack([b[:, 0], b[:, 1], b[:, 2] + 1, b[:, 3] + 1], 1)
+    return (edges * np.array([input_size / w, input_size / h] * 2, dtype=np.float32)).astype(np.float32)
 
 
 def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu") -> PromptSegmenter:

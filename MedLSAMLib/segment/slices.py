@@ -26,6 +26,11 @@ class SegmentOptions:
     fill_holes: bool = True
     resolve_overlaps: bool = True  # a voxel claimed by two structures goes to the more probable one
     threshold: float = 0.5
+    # Each slice is cropped to a square around the union of its boxes (side: 1.5 x the union, at
+    # least 3/8 of the slice) before resizing to the model input, so small structures are not a
+    # few pixels wide. crop_context=0 feeds whole slices, as the paper does.
+    crop_context: float = 1.5
+    min_crop_fraction: float = 0.375
 
 
 @dataclass
@@ -47,10 +52,25 @@ class _Region:
         self.u1, self.v1 = int(b[:, 2].max()), int(b[:, 3].max())
         self.prob = np.zeros((self.s1 - self.s0 + 1, self.v1 - self.v0 + 1, self.u1 - self.u0 + 1), np.float16)
 
-    def put(self, s: int, box, prob2d: np.ndarray) -> None:
+    def put(self, s: int, box, prob2d: np.ndarray, row0: int = 0, col0: int = 0) -> None:
+        """Store ``prob2d`` (a crop whose top-left pixel is (row0, col0)) inside ``box``."""
         u0, v0, u1, v1 = box
         self.prob[s - self.s0, v0 - self.v0:v1 - self.v0 + 1, u0 - self.u0:u1 - self.u0 + 1] = \
-            prob2d[v0:v1 + 1, u0:u1 + 1]
+            prob2d[v0 - row0:v1 - row0 + 1, u0 - col0:u1 - col0 + 1]
+
+
+def crop_window(boxes, shape: tuple[int, int], context: float, min_fraction: float) -> tuple[int, int, int, int]:
+    """Square (row0, col0, row1, col1), inclusive, around the union of ``boxes``, inside the slice."""
+    h, w = shape
+    if context <= 0:
+        return 0, 0, h - 1, w - 1
+    b = np.asarray(boxes).reshape(-1, 4)
+    u0, v0, u1, v1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
+    side = int(np.ceil(max(context * max(u1 - u0 + 1, v1 - v0 + 1), min_fraction * min(h, w))))
+    side_r, side_c = min(side, h), min(side, w)
+    r0 = int(np.clip((v0 + v1 + 1) // 2 - side_r // 2, 0, h - side_r))
+    c0 = int(np.clip((u0 + u1 + 1) // 2 - side_c // 2, 0, w - side_c))
+    return r0, c0, r0 + side_r - 1, c0 + side_c - 1
 
 
 def axes(geometry: Geometry) -> tuple[int, int, int]:
@@ -104,8 +124,13 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
         order = sorted(per_slice)
         for b in range(0, len(order), opts.batch_slices):
             batch = order[b:b + opts.batch_slices]
-            images = np.stack([window_to_uint8(get_slice(volume.array, ax, s), window) for s in batch])
-            shape = images.shape[1:]
+            images, crops = [], []
+            for s in batch:
+                full = get_slice(volume.array, ax, s)
+                r0, c0, r1, c1 = crop_window([box for _, box in per_slice[s]], full.shape, opts.crop_context,
+                                             opts.min_crop_fraction)
+                images.append(window_to_uint8(full[r0:r1 + 1, c0:c1 + 1], window))
+                crops.append((r0, c0))
             if use_cache:
                 t = time.perf_counter()
                 emb = segmenter.embed(images)
@@ -113,13 +138,16 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
             for n, s in enumerate(batch):
                 names = [name for name, _ in per_slice[s]]
                 boxes = [box for _, box in per_slice[s]]
+                r0, c0 = crops[n]
+                shape = images[n].shape
+                local = [(u0 - c0, v0 - r0, u1 - c0, v1 - r0) for u0, v0, u1, v1 in boxes]
                 if use_cache:
                     t = time.perf_counter()
-                    probs = segmenter.decode(emb[n], boxes, shape).cpu().numpy()
+                    probs = segmenter.decode(emb[n], local, shape).cpu().numpy()
                     timing["decode"] += time.perf_counter() - t
                 else:
                     probs = []
-                    for box in boxes:  # one encoder pass per structure, as the reference
+                    for box in local:  # one encoder pass per structure, as the reference
                         t = time.perf_counter()
                         e = segmenter.embed(images[n:n + 1])
                         timing["encode"] += time.perf_counter() - t
@@ -127,7 +155,7 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
                         probs.append(segmenter.decode(e[0], [box], shape).cpu().numpy()[0])
                         timing["decode"] += time.perf_counter() - t
                 for name, box, p in zip(names, boxes, probs):
-                    regions[name].put(s, box, p)
+                    regions[name].put(s, box, p, r0, c0)
             done += len(batch)
             if progress:
                 progress(done, total)
