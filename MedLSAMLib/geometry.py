@@ -300,13 +300,18 @@ def validate_extreme_points(points, tolerance_mm: float = 1e-3) -> np.ndarray:
     return arr
 
 
-def box_from_extreme_points(points) -> np.ndarray:
-    """LPS box bounded by the six extreme points (only each point's own axis is used)."""
-    arr = validate_extreme_points(points)
+def box_from_extreme_points(points, strict: bool = True) -> np.ndarray:
+    """LPS box bounded by the six extreme points (only each point's own axis is used).
+
+    ``strict=False`` accepts swapped pairs (predicted points can cross on a thin structure)
+    and takes the smaller and larger of each pair.
+    """
+    arr = validate_extreme_points(points) if strict else points_as_array(points)
+    pairs = [(arr[n, _POINT_AXIS[name][0]], _POINT_AXIS[name]) for n, name in enumerate(POINT_NAMES)]
     lo, hi = np.empty(3), np.empty(3)
-    for n, name in enumerate(POINT_NAMES):
-        axis, sign = _POINT_AXIS[name]
-        (hi if sign > 0 else lo)[axis] = arr[n, axis]
+    for axis in range(3):
+        vals = [v for v, (a, _) in pairs if a == axis]
+        lo[axis], hi[axis] = min(vals), max(vals)
     return np.stack([lo, hi])
 
 

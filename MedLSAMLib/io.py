@@ -116,6 +116,19 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def read_json(path: str | os.PathLike, what: str, missing_hint: str = ""):
+    """Parse a JSON file (data only), with one-line errors naming ``what`` it should be."""
+    import json
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such {what}{missing_hint}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{p}: not a JSON {what} ({exc.__class__.__name__})") from None
+
+
 def read_ct(path: str | os.PathLike) -> Volume:
     """Read a CT and check that it holds Hounsfield units (float32 array)."""
     vol = read_volume(path, sitk.sitkFloat32)

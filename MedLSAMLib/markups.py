@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import POINT_NAMES, lps_to_ras, points_as_array
-from .io import write_text_atomic
+from .io import read_json, write_text_atomic
 
 #: Slicer 5.0-5.12 write this schema; we write it too so every supported Slicer reads our files.
 SCHEMA_URL = (
@@ -77,12 +77,7 @@ def read_markups(path: str | os.PathLike) -> tuple[str, np.ndarray]:
     so their order in the file does not matter.
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such markups file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{p}: not a JSON markups file ({exc.__class__.__name__})") from None
+    doc = read_json(p, "markups file")
     markups = doc.get("markups") if isinstance(doc, dict) else None
     if not isinstance(markups, list) or not markups:
         raise InputError(f"{p}: no 'markups' list; is this a Slicer .mrk.json file?")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import POINT_NAMES, box_lps_to_ijk, box_from_extreme_points
+from .geometry import box_from_extreme_points, box_lps_to_ijk
 from .io import Volume, to_sitk
 from .templates import Template
 
@@ -51,7 +51,7 @@ def localize_by_registration(templates: list[tuple[Template, Volume]], query: Vo
     out = {}
     for s in structures:
         pts = np.median(np.stack([m[s] for m in mapped]), axis=0)
-        box = _box(pts)
+        box = box_from_extreme_points(pts, strict=False)
         out[s] = {
             "label": templates[0][0].structures[s].label,
             "present": True,
@@ -60,14 +60,3 @@ def localize_by_registration(templates: list[tuple[Template, Volume]], query: Vo
             "extreme_points_lps": pts.round(3).tolist(),
         }
     return {"structures": out}
-
-
-def _box(points: np.ndarray) -> np.ndarray:
-    try:
-        return box_from_extreme_points(points)
-    except ValueError:  # a registration can swap points of a thin structure: take the hull
-        lo = np.array([min(points[POINT_NAMES.index(a), i], points[POINT_NAMES.index(b), i])
-                       for i, (a, b) in enumerate((("right", "left"), ("anterior", "posterior"), ("inferior", "superior")))])
-        hi = np.array([max(points[POINT_NAMES.index(a), i], points[POINT_NAMES.index(b), i])
-                       for i, (a, b) in enumerate((("right", "left"), ("anterior", "posterior"), ("inferior", "superior")))])
-        return np.stack([lo, hi])

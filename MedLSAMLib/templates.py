@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import POINT_NAMES, Geometry, point_axis, validate_extreme_points
-from .io import Volume, read_ct, read_labels, write_text_atomic
+from .io import Volume, read_ct, read_json, read_labels, write_text_atomic
 from .markups import read_markups, write_markups
 
 MANIFEST = "template.json"
@@ -147,12 +147,8 @@ def load_template(directory: str | os.PathLike) -> Template:
     d = Path(directory)
     manifest_path = d / MANIFEST if d.is_dir() else d
     d = manifest_path.parent
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{d}: not a template folder (no {MANIFEST}); create one with 'medlsam template from-labels'") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{manifest_path}: not valid JSON ({exc.__class__.__name__})") from None
+    manifest = read_json(manifest_path, "template manifest",
+                         " (not a template folder? create one with 'medlsam template from-labels')")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{manifest_path}: not a MedLSAM template manifest (format must be {FORMAT!r})")
     if int(manifest.get("version", 0)) > VERSION:

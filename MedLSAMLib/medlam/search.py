@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..geometry import (POINT_NAMES, Geometry, box_from_points, box_lps_to_ijk, canonical_geometry, point_axis)
+from ..geometry import (POINT_NAMES, Geometry, box_from_extreme_points, box_from_points, box_lps_to_ijk,
+                        canonical_geometry, point_axis)
 from ..io import Volume
 from ..preprocess import medlam_intensity, resample
 from ..templates import Template, extreme_points_of_cloud
@@ -242,7 +243,7 @@ class Localizer:
         for s, n_parts in support.parts.items():
             rows = [[index[(s, p, i)] for i in range(6)] for p in range(n_parts)]
             all_rows = [i for r in rows for i in r]
-            sub_lps = [_box_from_six(ref_lps[r]) for r in rows]
+            sub_lps = [box_from_extreme_points(ref_lps[r], strict=False) for r in rows]
             coarse_box = box_from_points(pred_lps[all_rows])
             present = bool(np.all(coarse_box[1] > extent[0]) and np.all(coarse_box[0] < extent[1]))
             drift = np.linalg.norm(pred_lps[all_rows] - ref_lps[all_rows], axis=1)
@@ -309,15 +310,6 @@ def _part_points(cloud: np.ndarray, n_parts: int) -> list[np.ndarray]:
             continue
         out.append(extreme_points_of_cloud(sel, 1.0))
     return out
-
-
-def _box_from_six(six: np.ndarray) -> np.ndarray:
-    """Box from six points, each used along its own axis; tolerant of swapped predictions."""
-    lo, hi = np.empty(3), np.empty(3)
-    for axis in range(3):
-        vals = [six[i, axis] for i, name in enumerate(POINT_NAMES) if point_axis(name)[0] == axis]
-        lo[axis], hi[axis] = min(vals), max(vals)
-    return np.stack([lo, hi])
 
 
 def _consistent(six: np.ndarray) -> bool:

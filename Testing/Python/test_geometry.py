@@ -158,3 +158,11 @@ def test_slice_boxes_follow_the_axial_axis_of_permuted_volumes():
     assert set(g.slice_boxes([[[10, 20, 3], [20, 30, 4]]], geom)) == {3, 4}
     sb = g.slice_boxes([[[3, 10, 20], [4, 20, 30]]], geom_sag, margin_px_at_1024=0)
     assert set(sb) == {3, 4} and sb[3] == (10, 20, 20, 30)
+
+
+def test_tolerant_box_from_swapped_points():
+    pts = g.extreme_points_from_box([[0, 0, 0], [10, 20, 30]])
+    pts[[0, 1]] = pts[[1, 0]]  # superior and inferior crossed, as a bad prediction can
+    with pytest.raises(GeometryError):
+        g.box_from_extreme_points(pts)
+    assert np.allclose(g.box_from_extreme_points(pts, strict=False), [[0, 0, 0], [10, 20, 30]])
