@@ -1,0 +1,74 @@
+"""Our files read by Slicer's own MRML libraries (slicer-core 5.13-dev, outside the application)."""
+import numpy as np
+import pytest
+
+from MedLSAMLib.geometry import lps_to_ras
+from MedLSAMLib.io import Volume, write_segmentation
+from MedLSAMLib.templates import load_template, template_from_labels
+
+from conftest import OBLIQUE, hn_case, phantom
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+from vtk.util import numpy_support  # noqa: E402  (vtk comes with slicer-core)
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)  # registers the segmentation converter rules, as the application does
+    return scene, logic
+
+
+def test_markups_written_by_medlsam_load_in_mrml(scene, tmp_path):
+    scene, _ = scene
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(1, "Brainstem")], tmp_path)
+    points = load_template(tmp_path).structures["Brainstem"].points
+    node = slicer.vtkMRMLMarkupsFiducialNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "Brainstem.mrk.json"))
+    assert storage.ReadData(node) == 1
+    assert [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())] == [
+        "superior", "inferior", "right", "left", "anterior", "posterior"]
+    for i in range(6):
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPosition(i, ras)  # MRML holds RAS
+        assert np.allclose(ras, lps_to_ras(points[i]), atol=1e-4)
+
+
+def test_segmentation_written_by_medlsam_loads_in_mrml(scene, tmp_path):
+    scene, logic = scene
+    from MedLSAMLib.geometry import Geometry
+
+    geom = Geometry([-30.0, 12.5, 100.0], [0.9, 1.1, 2.0], OBLIQUE, (40, 30, 20))
+    ball = phantom(geom, geom.ijk_to_lps([20, 15, 10]), 8.0, inside=3, outside=0).array.astype(np.uint8)
+    ball[2:5, 3:6, 4:8] = 7
+    labels = Volume(ball, geom, "labels")
+    write_segmentation(labels, [{"name": "Ball", "label": 3, "color": (0.9, 0.2, 0.1)},
+                                {"name": "Block", "label": 7, "color": (0.1, 0.2, 0.9)}], tmp_path / "c.seg.nrrd")
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "c.seg.nrrd"))
+    assert storage.ReadData(node) == 1
+    seg = node.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["Ball", "Block"]
+    assert np.allclose(seg.GetNthSegment(0).GetColor(), (0.9, 0.2, 0.1), atol=1e-5)
+    for n, value in ((0, 3), (1, 7)):
+        image = slicer.vtkOrientedImageData()
+        assert logic.GetSegmentBinaryLabelmapRepresentation(node, seg.GetNthSegmentID(n), image)
+        import vtk
+
+        m = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(m)
+        ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+        assert np.allclose(ijk_to_ras, geom.ijk_to_ras_matrix, atol=1e-4)  # geometry identical, in RAS
+        i0, i1, j0, j1, k0, k1 = image.GetExtent()
+        arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+        full = np.zeros_like(ball, dtype=bool)
+        full[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = arr == seg.GetNthSegment(n).GetLabelValue()
+        assert np.array_equal(full, ball == value)
