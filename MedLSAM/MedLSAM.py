@@ -45,13 +45,40 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget):
 
 
 class MedLSAMLogic(ScriptedLoadableModuleLogic):
-    """Headless logic: every computation is delegated to MedLSAMLib."""
+    """Headless logic (no widget needed): delegates to MedLSAMMRML.logic, which runs MedLSAMLib,
+    the same code as the ``medlsam`` command line. Heavy imports happen on first use."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._core = None
+
+    @property
+    def core(self):
+        if self._core is None:
+            from MedLSAMMRML.logic import MedLSAMCore
+
+            self._core = MedLSAMCore(slicer.mrmlScene)
+        return self._core
 
     @staticmethod
     def libraryVersion():
         import MedLSAMLib
 
         return MedLSAMLib.__version__
+
+    def localize(self, templates, volumeNode, mode="wpl", device="auto"):
+        """Boxes for every template structure in ``volumeNode`` (the boxes.json content)."""
+        return self.core.localize(templates, volumeNode, mode=mode, device=device)
+
+    def segment(self, volumeNode, templates, segmentationNode=None, mode="spl", device="auto"):
+        """Localize and segment ``volumeNode``; returns (segmentation node, case record)."""
+        return self.core.segment(volumeNode, templates, segmentationNode, mode=mode, device=device)
+
+    def processCohort(self, volumeNodes, templates, mode="spl", device="auto", progressCallback=None,
+                      cancelEvent=None):
+        """Segment every volume into '<volume> MedLSAM'; failures are recorded, cancel keeps finished cases."""
+        return self.core.process_cohort(volumeNodes, templates, mode=mode, device=device,
+                                        progress_callback=progressCallback, cancel_event=cancelEvent)
 
 
 class MedLSAMTest(ScriptedLoadableModuleTest):

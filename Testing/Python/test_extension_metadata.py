@@ -53,6 +53,18 @@ def test_module_cmake_installs_every_library_file():
     assert on_disk == listed, f"missing from MedLSAM/CMakeLists.txt: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
 
 
+def test_module_cmake_lists_every_module_script():
+    text = (REPO / "MedLSAM" / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"^\s+(MedLSAMMRML/\S+\.py)\s*$", text, re.M))
+    on_disk = {p.relative_to(REPO / "MedLSAM").as_posix() for p in (REPO / "MedLSAM" / "MedLSAMMRML").glob("*.py")}
+    assert on_disk == listed
+
+
+def test_mrml_layer_never_imports_qt():
+    pattern = re.compile(r"^\s*(import|from)\s+(qt|ctk)\b", re.M)
+    assert [p.name for p in (REPO / "MedLSAM" / "MedLSAMMRML").glob("*.py") if pattern.search(p.read_text())] == []
+
+
 def test_core_never_imports_slicer_qt_ctk():
     pattern = re.compile(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", re.M)
     offenders = [p.name for p in (REPO / "MedLSAMLib").rglob("*.py") if pattern.search(p.read_text())]

@@ -1,0 +1,170 @@
+"""MRML nodes <-> MedLSAMLib objects. Imports slicer and vtk only (no Qt), so Slicer's own MRML
+libraries (PyPI ``slicer-core``) run this code in tests exactly as the application does.
+
+MRML works in RAS; MedLSAMLib in LPS. Every conversion goes through ``MedLSAMLib.geometry``.
+Parent transforms are applied (linear only); input nodes are never modified.
+"""
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from MedLSAMLib.errors import InputError
+from MedLSAMLib.geometry import POINT_NAMES, Geometry, lps_to_ras, ras_to_lps
+from MedLSAMLib.io import Volume
+
+_RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def ijk_to_world_ras(volume_node) -> np.ndarray:
+    """IJK -> world RAS, including a linear parent transform (a warp is refused)."""
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    ijk_to_ras = _matrix(m)
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise InputError(f"{volume_node.GetName()}: under a non-linear transform; harden it first")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        ijk_to_ras = _matrix(to_world) @ ijk_to_ras
+    return ijk_to_ras
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size) -> Geometry:
+    lps = _RAS_LPS @ ijk_to_ras
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return Geometry(lps[:3, 3], spacing, lps[:3, :3] / spacing, tuple(int(s) for s in size))
+
+
+def volume_from_node(volume_node) -> Volume:
+    """A copy of a scalar volume node as a MedLSAMLib Volume (world geometry, LPS)."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None:
+        raise InputError("the selected volume has no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{volume_node.GetName()}: not a scalar volume")
+    dims = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).astype(np.float32)
+    geometry = geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), dims)
+    volume = Volume(array, geometry, volume_node.GetName())  # astype copied: the node is untouched
+    volume.meta["path"] = volume_node.GetName()
+    return volume
+
+
+def _oriented_image(mask: np.ndarray, geometry: Geometry):
+    """A uint8 vtkOrientedImageData holding ``mask`` (``[k, j, i]``) on ``geometry``."""
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*geometry.size)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    scalars[:] = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    image.GetPointData().GetScalars().Modified()
+    m = vtk.vtkMatrix4x4()
+    ras = geometry.ijk_to_ras_matrix
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, ras[r, c])
+    image.SetImageToWorldMatrix(m)
+    return image
+
+
+def write_labels_to_segmentation(labels: Volume, structures, segmentation_node, reference_volume_node=None) -> None:
+    """Replace the node's segments by one segment per structure (name, colour, mask from ``labels``).
+
+    ``structures``: objects with ``name``, ``label`` and ``color`` (MedLSAMLib template structures).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    if reference_volume_node is not None:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    for s in structures:
+        segment_id = segmentation.AddEmptySegment(s.name, s.name, list(s.color))
+        mask = labels.array == s.label
+        if mask.any():
+            image = _oriented_image(mask, labels.geometry)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+            if not ok:
+                raise RuntimeError(f"could not write segment {s.name}")
+
+
+def segment_mask(segmentation_node, segment_name: str, geometry: Geometry) -> np.ndarray:
+    """A segment's binary mask resampled-free on ``geometry`` (which must be the segment's grid)."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    if not segment_id:
+        raise InputError(f"no segment named {segment_name!r}")
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, image)
+    out = np.zeros(geometry.shape_kji, bool)
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    if i1 < i0:
+        return out
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    if not np.allclose(_matrix(m), geometry.ijk_to_ras_matrix, atol=1e-4):
+        raise InputError(f"segment {segment_name} is not on the requested grid")
+    arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+    value = segmentation.GetSegment(segment_id).GetLabelValue()
+    out[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = arr == value
+    return out
+
+
+def points_from_markups_node(markups_node) -> np.ndarray:
+    """The six named control points of a point-list node, as (6, 3) LPS in POINT_NAMES order."""
+    found = {}
+    for i in range(markups_node.GetNumberOfControlPoints()):
+        if markups_node.GetNthControlPointPositionStatus(i) != markups_node.PositionDefined:
+            continue  # a point still to be placed
+        label = markups_node.GetNthControlPointLabel(i).strip().lower()
+        if label not in POINT_NAMES:
+            raise InputError(f"{markups_node.GetName()}: unknown point name {label!r}")
+        ras = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(i, ras)
+        found[label] = ras_to_lps(ras)
+    missing = [n for n in POINT_NAMES if n not in found]
+    if missing:
+        raise InputError(f"{markups_node.GetName()}: {len(found)}/6 placed; missing {', '.join(missing)}")
+    return np.array([found[n] for n in POINT_NAMES])
+
+
+def set_markups_points(markups_node, points_lps) -> None:
+    markups_node.RemoveAllControlPoints()
+    for name, p in zip(POINT_NAMES, np.asarray(points_lps)):
+        markups_node.AddControlPoint(vtk.vtkVector3d(*lps_to_ras(p)), name)
+
+
+def place_under_study(scene, node, volume_node) -> None:
+    """Put ``node`` in the subject hierarchy folder that holds ``volume_node``."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        return
+    volume_item = sh.GetItemByDataNode(volume_node)
+    node_item = sh.GetItemByDataNode(node)
+    if volume_item and node_item:
+        sh.SetItemParent(node_item, sh.GetItemParent(volume_item))
+
+
+def add_volume_node(scene, volume: Volume, name: str | None = None):
+    """A new scalar volume node holding a copy of ``volume`` (geometry converted to RAS)."""
+    image = vtk.vtkImageData()
+    image.SetDimensions(*volume.geometry.size)
+    image.AllocateScalars(vtk.VTK_FLOAT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = \
+        np.ascontiguousarray(volume.array, dtype=np.float32).ravel()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or volume.name or "volume")
+    m = vtk.vtkMatrix4x4()
+    ras = volume.geometry.ijk_to_ras_matrix
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, ras[r, c])
+    node.SetIJKToRASMatrix(m)
+    node.SetAndObserveImageData(image)
+    return node

@@ -1,0 +1,91 @@
+"""The Slicer module's MRML layer and headless logic on Slicer's real MRML libraries (slicer-core 5.13-dev,
+outside the application). Not a Slicer self-test: those run only inside Slicer."""
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from MedLSAMLib.geometry import Geometry
+from MedLSAMLib.io import read_ct, read_labels
+from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
+from MedLSAMLib.templates import template_from_labels
+
+from conftest import OBLIQUE, REPO, hn_case, phantom
+from test_segmentation import ThresholdSegmenter
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+import vtk  # noqa: E402
+
+sys.path.insert(0, str(REPO / "MedLSAM"))
+from MedLSAMMRML import nodes  # noqa: E402
+from MedLSAMMRML.logic import MedLSAMCore  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    return scene
+
+
+def test_volume_node_round_trip_with_oblique_grid_under_parent_transform(scene):
+    geom = Geometry([-30.0, 12.5, 100.0], [0.9, 1.1, 2.0], OBLIQUE, (40, 30, 20))
+    vol = phantom(geom, geom.ijk_to_lps([20, 15, 10]), 8.0)
+    node = nodes.add_volume_node(scene, vol, "oblique")
+    back = nodes.volume_from_node(node)
+    assert back.geometry.is_close(geom, atol=1e-5) and np.array_equal(back.array, vol.array)
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 10.0)  # 10 mm towards patient left... in RAS: towards R
+    m.SetElement(2, 3, -5.0)
+    transform.SetMatrixTransformToParent(m)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = nodes.volume_from_node(node)
+    # RAS +10 x is LPS -10 x; RAS -5 z is LPS -5 z
+    assert np.allclose(moved.geometry.origin, geom.origin + [-10.0, 0.0, -5.0], atol=1e-5)
+    assert np.allclose(moved.geometry.direction, geom.direction, atol=1e-6)
+    moved.array[:] = 0  # our copy; the node's image is untouched
+    assert nodes.volume_from_node(node).array.max() == 300.0
+
+
+def test_markups_node_round_trip(scene):
+    pts = np.array([[0, 0, 50.0], [0, 0, 10.0], [-20, 0, 30.0], [20, 0, 30.0], [0, -15, 30.0], [0, 15, 30.0]])
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Brainstem")
+    nodes.set_markups_points(node, pts)
+    assert np.allclose(nodes.points_from_markups_node(node), pts)
+    node.RemoveNthControlPoint(5)
+    with pytest.raises(Exception, match="5/6 placed; missing posterior"):
+        nodes.points_from_markups_node(node)
+
+
+def test_process_cohort_matches_cli_outputs_and_cancel_keeps_finished(scene, tmp_path):
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(7, "Mandible"), (1, "Brainstem")], tmp_path / "tpl")
+    queries = [hn_case("validation-pats/pt_201")[0], hn_case("validation-pats/pt_202")[0]]
+    volume_nodes = [nodes.add_volume_node(scene, read_ct(q), q.name.split(".")[0]) for q in queries]
+    core = MedLSAMCore(scene)
+    seen = []
+    results = core.process_cohort(volume_nodes, [tmp_path / "tpl"], mode="wpl", device="cpu",
+                                  segmenter=ThresholdSegmenter(), progress_callback=lambda i, n, s: seen.append((i, n)))
+    assert [r["status"] for r in results] == ["ok", "ok"] and seen[-1] == (2, 2)
+
+    # the same inputs through the command-line pipeline
+    cli = run_cohort(CohortSegmenter(core.localizer([tmp_path / "tpl"], "wpl", "cpu"), ThresholdSegmenter()),
+                     queries, tmp_path / "out", show_progress=False)
+    assert cli["counts"]["ok"] == 2
+    for node, q in zip(volume_nodes, queries):
+        seg = scene.GetFirstNodeByName(node.GetName() + " MedLSAM")
+        assert seg is not None
+        written = read_labels(tmp_path / "out" / f"{q.name.split('.')[0]}_labels.nii.gz")
+        for name, value in (("Mandible", 7), ("Brainstem", 1)):
+            mask = nodes.segment_mask(seg, name, written.geometry)
+            assert np.array_equal(mask, written.array == value), name
+            assert mask.any()
+
+    cancel = threading.Event()
+    results = core.process_cohort(volume_nodes, [tmp_path / "tpl"], mode="wpl", device="cpu",
+                                  segmenter=ThresholdSegmenter(), cancel_event=cancel,
+                                  progress_callback=lambda i, n, s: cancel.set() if i == 1 else None)
+    assert [r["status"] for r in results] == ["ok", "cancelled"]
