@@ -53,17 +53,21 @@ def test_shift_of_the_template_itself_is_recovered(wpl):
     d = np.array([3, -4, 5])  # original voxels (i, j, k) -> about 12-16 mm each way
     shift_lps = ct.geometry.direction @ (ct.geometry.spacing * d)
     res = wpl.localize(shifted(ct, d))
-    errors = []
+    errors, moved = [], []
     for name, s in template.structures.items():
         found = np.array(res["structures"][name]["extreme_points_lps"])
         expected = s.points + shift_lps
+        moved.append(found - s.points)
         for n, pname in enumerate(POINT_NAMES):
             axis, _ = point_axis(pname)
             errors.append(abs(found[n, axis] - expected[n, axis]))
     errors = np.array(errors)
-    # within one canonical voxel (3 mm) for the box walls, typically
-    assert np.median(errors) <= 3.0, errors.round(1)
-    assert np.mean(errors <= 3.0) >= 0.75, errors.round(1)
+    recovered = np.concatenate(moved).mean(axis=0)
+    # The shift (about 16, 12, 12 mm) is recovered within one canonical voxel (3 mm) ...
+    assert np.linalg.norm(recovered - shift_lps) <= 3.0, (recovered, shift_lps)
+    # ... and so are the box walls on average; single points can be a voxel or two off, because
+    # U-Net features on whole-voxel patches are not exactly shift-equivariant.
+    assert errors.mean() <= 3.0 and np.median(errors) <= 3.0 and errors.max() <= 9.0, errors.round(1)
 
 
 def test_result_format_and_geometry(wpl):
