@@ -109,11 +109,16 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def _pm(mean: float, std: float, scale: float = 1.0) -> str:
+    return "-" if math.isnan(mean) else f"{scale * mean:.1f} ± {scale * std:.1f}"
+
+
 def markdown_table(summary: dict) -> str:
     lines = ["| structure | n | Dice % | HD95 mm | box IoU % | empty predictions |", "|---|---|---|---|---|---|"]
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['n']} | {100 * s['dice_mean']:.1f} ± {100 * s['dice_std']:.1f} | "
-                     f"{s['hd95_mean']:.1f} ± {s['hd95_std']:.1f} | {100 * s['box_iou_mean']:.1f} | {s['empty']} |")
+        box = "-" if math.isnan(s["box_iou_mean"]) else f"{100 * s['box_iou_mean']:.1f}"
+        lines.append(f"| {name} | {s['n']} | {_pm(s['dice_mean'], s['dice_std'], 100)} | "
+                     f"{_pm(s['hd95_mean'], s['hd95_std'])} | {box} | {s['empty']} |")
     return "\n".join(lines) + "\n"
 
 
