@@ -57,7 +57,7 @@ def evaluate(pred_dir, labels_dir, labels_pattern: str = "{case}_label.nii.gz", 
         raise InputError(f"{pred_dir}: no case results (*.json) found; run 'medlsam segment' first")
     rows, shown = [], []
     for rec_path in records:
-        rec = json.loads(rec_path.read_text())
+        rec = json.loads(rec_path.read_text(encoding="utf-8"))
         if rec.get("status") != "ok":
             continue
         case = rec["case"]

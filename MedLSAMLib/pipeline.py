@@ -46,7 +46,7 @@ def is_complete(out_dir: Path, case: str) -> bool:
     if not all(p.is_file() for p in paths.values()):
         return False
     try:
-        return json.loads(paths["json"].read_text()).get("status") == "ok"
+        return json.loads(paths["json"].read_text(encoding="utf-8")).get("status") == "ok"
     except (OSError, json.JSONDecodeError):
         return False
 

@@ -68,7 +68,7 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.name.lower().endswith(VOLUME_SUFFIXES))
     elif p.is_file():
-        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
         files = [Path(ln) if os.path.isabs(ln) else p.parent / ln for ln in lines]
     else:
         raise InputError(f"{p}: no such folder or list file")

@@ -29,10 +29,10 @@ def s4ext_fields(text):
 
 
 def test_s4ext_mirrors_cmake_metadata():
-    cmake_text = (REPO / "CMakeLists.txt").read_text()
+    cmake_text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"^project\(MedLSAM\)", cmake_text, re.M)
     cmake = cmake_sets(cmake_text)
-    s4ext = s4ext_fields((REPO / "MedLSAM.s4ext").read_text())
+    s4ext = s4ext_fields((REPO / "MedLSAM.s4ext").read_text(encoding="utf-8"))
     assert set(CMAKE_TO_S4EXT) <= set(cmake)
     for key, field in CMAKE_TO_S4EXT.items():
         assert s4ext[field] == cmake[key], key
@@ -40,21 +40,21 @@ def test_s4ext_mirrors_cmake_metadata():
 
 
 def test_index_json_agrees():
-    entry = json.loads((REPO / "MedLSAM.json").read_text())
-    s4ext = s4ext_fields((REPO / "MedLSAM.s4ext").read_text())
+    entry = json.loads((REPO / "MedLSAM.json").read_text(encoding="utf-8"))
+    s4ext = s4ext_fields((REPO / "MedLSAM.s4ext").read_text(encoding="utf-8"))
     assert entry["category"] == s4ext["category"]
     assert entry["scm_url"] == s4ext["scmurl"]
     assert entry["build_dependencies"] == s4ext["depends"].split()
 
 
 def test_module_cmake_installs_every_library_file():
-    listed = set(re.findall(r"^\s+(MedLSAMLib/\S+\.py)\s*$", (REPO / "MedLSAM" / "CMakeLists.txt").read_text(), re.M))
+    listed = set(re.findall(r"^\s+(MedLSAMLib/\S+\.py)\s*$", (REPO / "MedLSAM" / "CMakeLists.txt").read_text(encoding="utf-8"), re.M))
     on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "MedLSAMLib").rglob("*.py")}
     assert on_disk == listed, f"missing from MedLSAM/CMakeLists.txt: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
 
 
 def test_module_cmake_lists_every_module_script():
-    text = (REPO / "MedLSAM" / "CMakeLists.txt").read_text()
+    text = (REPO / "MedLSAM" / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\s+(MedLSAMMRML/\S+\.py)\s*$", text, re.M))
     on_disk = {p.relative_to(REPO / "MedLSAM").as_posix() for p in (REPO / "MedLSAM" / "MedLSAMMRML").glob("*.py")}
     assert on_disk == listed
@@ -62,12 +62,12 @@ def test_module_cmake_lists_every_module_script():
 
 def test_mrml_layer_never_imports_qt():
     pattern = re.compile(r"^\s*(import|from)\s+(qt|ctk)\b", re.M)
-    assert [p.name for p in (REPO / "MedLSAM" / "MedLSAMMRML").glob("*.py") if pattern.search(p.read_text())] == []
+    assert [p.name for p in (REPO / "MedLSAM" / "MedLSAMMRML").glob("*.py") if pattern.search(p.read_text(encoding="utf-8"))] == []
 
 
 def test_core_never_imports_slicer_qt_ctk():
     pattern = re.compile(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", re.M)
-    offenders = [p.name for p in (REPO / "MedLSAMLib").rglob("*.py") if pattern.search(p.read_text())]
+    offenders = [p.name for p in (REPO / "MedLSAMLib").rglob("*.py") if pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
 
 
