@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import USER_ERRORS, InputError
+from .errors import USER_ERRORS
 
 EXIT_USER_ERROR = 2
 
@@ -241,13 +241,6 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def run(args) -> int:
-        raise InputError(f"'medlsam {name}' is not available in this version yet")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="medlsam",
@@ -262,10 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(sub)
     _add_segment_command(sub)
     _add_evaluate_command(sub)
-    for name, text in (
-    ):
-        p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(func=_not_yet(name))
     return parser
 
 

@@ -27,6 +27,7 @@ class TemplateLocalizer:
         if checkpoint is None:
             verify_default_checkpoint()
         self.checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+        self.checkpoint_sha256 = sha256(self.checkpoint)  # once, not per query
         model = load_medlam(self.checkpoint, self.device)
         opts = options or SearchOptions()
         opts.mode = mode
@@ -52,7 +53,7 @@ class TemplateLocalizer:
             "image": str(volume.meta.get("path", volume.name)),
             "mode": self.localizer.opts.mode,
             "templates": [str(t.directory) for t in self.templates],
-            "checkpoint": {"path": str(self.checkpoint), "sha256": sha256(self.checkpoint)},
+            "checkpoint": {"path": str(self.checkpoint), "sha256": self.checkpoint_sha256},
             "device": str(self.device),
             "structures": result["structures"],
             "timing_s": {k: round(v, 3) for k, v in timing.items()},

@@ -50,12 +50,13 @@ class MedLSAMCore:
         localizer = self.localizer(template_dirs, mode, device)
         seg = segmenter or self.segmenter(device=localizer.device)
         cohort = CohortSegmenter(localizer, seg)
-        labels, record = cohort.segment_volume(volume_from_node(volume_node), progress)
+        volume = volume_from_node(volume_node)  # one copy of the node's voxels
+        labels, record = cohort.segment_volume(volume, progress)
         if segmentation_node is None:
             segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                              volume_node.GetName() + RESULT_SUFFIX)
             segmentation_node.CreateDefaultDisplayNodes()
-        write_labels_to_segmentation(volume_from_node(volume_node).with_array(labels), cohort.structures.values(),
+        write_labels_to_segmentation(volume.with_array(labels), cohort.structures.values(),
                                      segmentation_node, volume_node)
         place_under_study(self.scene, segmentation_node, volume_node)
         return segmentation_node, record
