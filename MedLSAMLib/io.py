@@ -191,6 +191,23 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
         sitk.WriteImage(to_sitk(volume), str(tmp), compress)
 
 
+def _label_extent(ijk: np.ndarray, label: int) -> list[int]:
+    """[i0, i1, j0, j1, k0, k1] of ``label`` in an [i, j, k] array, or Slicer's empty extent.
+
+    Per-axis ``any`` projections keep memory at one boolean volume (argwhere on a 512 x 512 x 600
+    scan would build an N x 3 int64 array per segment).
+    """
+    mask = ijk == label
+    extent = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        if not len(hit):
+            return [0, -1, 0, -1, 0, -1]
+        extent += [int(hit[0]), int(hit[-1])]
+    return extent
+
+
 def write_segmentation(labels: Volume, segments: list[dict], path: str | os.PathLike) -> None:
     """Write a label map as a 3D Slicer segmentation (``.seg.nrrd``, one layer).
 
@@ -210,9 +227,7 @@ def write_segmentation(labels: Volume, segments: list[dict], path: str | os.Path
         "segments": [],
     }
     for s in segments:
-        present = np.argwhere(ijk == s["label"])
-        extent = ([int(v) for a in range(3) for v in (present[:, a].min(), present[:, a].max())]
-                  if len(present) else [0, -1, 0, -1, 0, -1])
+        extent = _label_extent(seg["voxels"], s["label"])
         seg["segments"].append({"id": s["name"], "name": s["name"], "labelValue": int(s["label"]), "layer": 0,
                                 "color": [float(c) for c in s["color"]], "extent": extent})
     with atomic_path(path) as tmp:

@@ -83,6 +83,9 @@ def main():
     seg = load_segmenter("litemedsam", device="cpu")
     cohort = CohortSegmenter(loc, seg)
     rng = np.random.default_rng(0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")  # rows so far, so a long run that dies can be read
     rows = []
     for n, case in enumerate(splits["dev_eval_core5"][: args.limit], 1):
         ct = read_ct(hn / f"{case}_ct.nii.gz")
@@ -97,6 +100,7 @@ def main():
         print(f"[{n}] {case}: {t_auto:.1f} s, MedLAM+LiteMedSAM mean Dice "
               f"{np.mean([v['dice'] for v in rows[-1]['medlam'].values()]):.3f}, manual prompt "
               f"{np.mean([v['dice'] for v in rows[-1]['manual'].values()]):.3f}", flush=True)
+        partial.write_text(json.dumps(rows, indent=1))
 
     # speed: one case with and without the embedding cache
     ct = read_ct(hn / f"{splits['dev_eval_core5'][0]}_ct.nii.gz")
@@ -127,10 +131,9 @@ def main():
               f"| embedding cached per slice | {c['seconds']:.1f} | {c['slices']} | {c['seconds'] / max(c['slices'], 1):.2f} |",
               f"| one encoder pass per structure (reference) | {nc['seconds']:.1f} | {nc['slices']} | {nc['seconds'] / max(nc['slices'], 1):.2f} |",
               "", f"Peak RSS of the whole benchmark process: {peak_rss_mb:.0f} MB."]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "speed": speed, "peak_rss_mb": peak_rss_mb}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    partial.unlink(missing_ok=True)
     print("\n".join(lines))
 
 

@@ -139,3 +139,17 @@ def test_real_ct_reads_with_permuted_axes():
     canon = to_canonical(vol)
     # head-and-neck CT resampled to 3 mm: ~ 320 mm field of view -> about 107 voxels
     assert canon.array.shape[0] == pytest.approx(128 * 2.5 / 3, abs=2)
+
+
+def test_label_extent_matches_argwhere_bounds_and_empty_is_slicers_empty_extent():
+    from MedLSAMLib.io import _label_extent
+
+    ijk = np.zeros((9, 7, 5), np.uint8)
+    ijk[2:6, 1:3, 4] = 5
+    ijk[8, 6, 0] = 5
+    ijk[0, 0, 0] = 2
+    present = np.argwhere(ijk == 5)
+    expected = [int(v) for a in range(3) for v in (present[:, a].min(), present[:, a].max())]
+    assert _label_extent(ijk, 5) == expected == [2, 8, 1, 6, 0, 4]
+    assert _label_extent(ijk, 2) == [0, 0, 0, 0, 0, 0]
+    assert _label_extent(ijk, 9) == [0, -1, 0, -1, 0, -1]
