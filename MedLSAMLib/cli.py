@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, InputError
 
 EXIT_USER_ERROR = 2
 
@@ -176,6 +176,12 @@ def _add_segment_command(sub) -> None:
     p.add_argument("--medlam-checkpoint", help="MedLAM weights (default: shipped)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
+    p.add_argument("--executor", choices=["local", "dask"], default="local",
+                   help="local (default): this process; dask: one task per case on a Dask cluster "
+                   "(pip install 'medlsam[distributed]')")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running scheduler, e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --executor dask and no --scheduler: a local cluster of N worker processes (default 1)")
     p.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes slice by slice")
     p.add_argument("--allow-overlap", action="store_true",
@@ -184,22 +190,44 @@ def _add_segment_command(sub) -> None:
 
 
 def _cmd_segment(args) -> int:
-    from .localize import TemplateLocalizer, set_cpu_threads
-    from .pipeline import CohortSegmenter, list_cohort, run_cohort
-    from .segment.backends import load_segmenter
+    from functools import partial
+    from pathlib import Path
+
+    from .localize import set_cpu_threads
+    from .pipeline import list_cohort, run_cohort
+    from .segment.backends import check_segmenter_args, load_segmenter
     from .segment.slices import SegmentOptions
 
     set_cpu_threads()
     images = list_cohort(args.image, args.images_dir)
-    localizer = TemplateLocalizer(args.template, mode=args.mode, checkpoint=args.medlam_checkpoint, device=args.device)
-    if localizer.device.type == "cpu":
-        print("note: running on CPU", file=sys.stderr)
-    segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device)
+    check_segmenter_args(args.segmenter, args.checkpoint)
+    if args.executor == "local" and (args.scheduler or args.workers):
+        raise InputError("--scheduler and --workers are for --executor dask")
     options = SegmentOptions(largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
                              resolve_overlaps=not args.allow_overlap)
-    summary = run_cohort(CohortSegmenter(localizer, segmenter, options), images, __import__("pathlib").Path(args.out),
-                         resume=args.resume)
-    names = localizer.structures
+    if args.executor == "dask":
+        from .cluster import CohortRecipe, run_cohort_dask
+
+        recipe = CohortRecipe(tuple(str(Path(t).resolve()) for t in args.template), args.mode,
+                              args.medlam_checkpoint, partial(load_segmenter, args.segmenter, args.checkpoint),
+                              args.device, options)
+        summary = run_cohort_dask(recipe, images, Path(args.out), resume=args.resume, scheduler=args.scheduler,
+                                  workers=args.workers)
+        from .templates import load_template
+
+        names = list(load_template(args.template[0]).structures)
+    else:
+        from .localize import TemplateLocalizer
+        from .pipeline import CohortSegmenter
+
+        localizer = TemplateLocalizer(args.template, mode=args.mode, checkpoint=args.medlam_checkpoint,
+                                      device=args.device)
+        if localizer.device.type == "cpu":
+            print("note: running on CPU", file=sys.stderr)
+        segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device)
+        summary = run_cohort(CohortSegmenter(localizer, segmenter, options), images, Path(args.out),
+                             resume=args.resume)
+        names = localizer.structures
     print(f"\n{'case':<24} {'status':<8} {'s':>6}  " + "  ".join(f"{n[:12]:>12}" for n in names))
     for c in summary["cases"]:
         cells = []

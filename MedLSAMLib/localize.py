@@ -18,10 +18,15 @@ from .templates import Template, load_template
 
 
 class TemplateLocalizer:
-    """Loads the network and the templates' support features once; localizes any number of CTs."""
+    """Loads the network and the templates' support features once; localizes any number of CTs.
+
+    ``support`` skips the (slow) support computation when the features were computed already for
+    the same templates, structures, mode and checkpoint.
+    """
 
     def __init__(self, template_dirs, *, mode: str = "wpl", checkpoint=None, device: str = "auto",
-                 structures: list[str] | None = None, options: SearchOptions | None = None):
+                 structures: list[str] | None = None, options: SearchOptions | None = None,
+                 support: SupportSet | None = None):
         t0 = time.perf_counter()
         self.device = resolve_device(device)
         if checkpoint is None:
@@ -36,7 +41,12 @@ class TemplateLocalizer:
         if not self.templates:
             raise InputError("give at least one --template")
         self.structures = structures or list(self.templates[0].structures)
-        self.support: SupportSet = self.localizer.support(self.templates, self.structures)
+        if support is not None:  # computed elsewhere (e.g. once on a Dask client for every worker)
+            if list(support.labels) != list(self.structures):
+                raise InputError(f"support features are for {list(support.labels)}, not {self.structures}")
+            self.support = support.to(self.device)
+        else:
+            self.support = self.localizer.support(self.templates, self.structures)
         self.setup_s = time.perf_counter() - t0
 
     def localize(self, image: str | Path | Volume) -> dict:

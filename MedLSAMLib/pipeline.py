@@ -122,9 +122,36 @@ def list_cohort(images=None, images_dir=None) -> list[Path]:
     return paths
 
 
+def segment_one(cohort: CohortSegmenter, path: Path, out_dir: Path, progress=None) -> CaseResult:
+    """One case with the batch's error policy: a failure becomes a ``failed`` result, never an exception."""
+    case = case_name(path)
+    t0 = time.perf_counter()
+    try:
+        return cohort.segment_case(path, out_dir, progress)
+    except USER_ERRORS as exc:
+        return CaseResult(case, str(path), "failed", time.perf_counter() - t0, str(exc))
+    except MemoryError:
+        return CaseResult(case, str(path), "failed", time.perf_counter() - t0, "out of memory")
+    except Exception as exc:  # keep the batch going; the trace goes to the summary
+        return CaseResult(case, str(path), "failed", time.perf_counter() - t0,
+                          f"{exc.__class__.__name__}: {exc}", traceback=traceback.format_exc(limit=5))
+
+
+def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **extra) -> dict:
+    summary = {
+        "medlsam_version": __version__,
+        "templates": [str(t) for t in template_dirs],
+        **extra,
+        "cases": [r.__dict__ for r in results],
+        "counts": {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")},
+    }
+    write_text_atomic(Path(out_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resume: bool = False,
                show_progress: bool = True) -> dict:
-    """Segment every image; never stop on one failure. Returns (and writes) the summary."""
+    """Segment every image in this process; never stop on one failure. Returns (and writes) the summary."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -137,7 +164,6 @@ def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resum
         if resume and is_complete(out_dir, case):
             results.append(CaseResult(case, str(path), "skipped"))
             continue
-        t0 = time.perf_counter()
         slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False, disable=not show_progress)
 
         def progress(done, total, _bar=slice_bar):
@@ -146,21 +172,7 @@ def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resum
             _bar.refresh()
 
         try:
-            results.append(cohort.segment_case(path, out_dir, progress))
-        except USER_ERRORS as exc:
-            results.append(CaseResult(case, str(path), "failed", time.perf_counter() - t0, str(exc)))
-        except MemoryError:
-            results.append(CaseResult(case, str(path), "failed", time.perf_counter() - t0, "out of memory"))
-        except Exception as exc:  # keep the batch going; the trace goes to the summary
-            results.append(CaseResult(case, str(path), "failed", time.perf_counter() - t0,
-                                      f"{exc.__class__.__name__}: {exc}", traceback=traceback.format_exc(limit=5)))
+            results.append(segment_one(cohort, path, out_dir, progress))
         finally:
             slice_bar.close()
-    summary = {
-        "medlsam_version": __version__,
-        "templates": [str(t.directory) for t in cohort.localizer.templates],
-        "cases": [r.__dict__ for r in results],
-        "counts": {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")},
-    }
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    return summary
+    return write_summary(out_dir, [t.directory for t in cohort.localizer.templates], results, executor="local")

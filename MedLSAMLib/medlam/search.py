@@ -18,7 +18,7 @@ returned in LPS mm and in the query's original ijk voxels.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -101,6 +101,9 @@ class SupportSet:
     parts: dict[str, int]  # structure -> number of parts
     labels: dict[str, int]
     notes: dict[str, str] = field(default_factory=dict)
+
+    def to(self, device) -> "SupportSet":
+        return replace(self, kernels=[k.to(device) for k in self.kernels])
 
 
 class Localizer:

@@ -150,16 +150,21 @@ def model_frame_boxes(boxes, shape: tuple[int, int], input_size: int) -> np.ndar
     return (edges * np.array([input_size / w, input_size / h] * 2, dtype=np.float32)).astype(np.float32)
 
 
+def check_segmenter_args(name: str, checkpoint=None) -> None:
+    """The one-line errors for a wrong segmenter / checkpoint pair, before anything is loaded."""
+    if name not in SEGMENTERS:
+        raise InputError(f"unknown segmenter {name!r}; choose {', '.join(SEGMENTERS)}")
+    if name == "litemedsam" and checkpoint:
+        raise InputError("--checkpoint is for sam-vit-b / medsam-vit-b; LiteMedSAM uses its shipped weights")
+    if name != "litemedsam" and not checkpoint:
+        raise InputError(f"--segmenter {name} needs --checkpoint PATH (ViT-B weights are not shipped)")
+
+
 def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu") -> PromptSegmenter:
+    check_segmenter_args(name, checkpoint)
     if name == "litemedsam":
-        if checkpoint:
-            raise InputError("--checkpoint is for sam-vit-b / medsam-vit-b; LiteMedSAM uses its shipped weights")
         return LiteMedSAM.load(device)
-    if name in ("sam-vit-b", "medsam-vit-b"):
-        if not checkpoint:
-            raise InputError(f"--segmenter {name} needs --checkpoint PATH (ViT-B weights are not shipped)")
-        return SAMViTB.load(checkpoint, device, name)
-    raise InputError(f"unknown segmenter {name!r}; choose {', '.join(SEGMENTERS)}")
+    return SAMViTB.load(checkpoint, device, name)
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,153 @@
+"""Cohorts on a Dask cluster: one task per case, models loaded once per worker.
+
+The client computes the templates' support features once and ships them, with a
+:class:`CohortRecipe`, inside a worker plugin; every worker (and every worker that replaces a
+dead one) builds its :class:`~MedLSAMLib.pipeline.CohortSegmenter` from them when it joins.
+A task is one case: it writes that case's outputs atomically into the shared output folder and
+returns its :class:`~MedLSAMLib.pipeline.CaseResult`. The scheduler re-runs a task whose worker
+died (up to ``distributed.scheduler.allowed-failures`` times); a case that still cannot finish
+is recorded as failed, like any other failure, and the batch goes on.
+
+Needs ``pip install medlsam[distributed]`` (``dask.distributed``); the core install does not.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+
+try:
+    import distributed
+except ImportError as exc:  # optional dependency: a clear one-line error, not a traceback
+    raise InputError("--executor dask needs dask.distributed: pip install 'medlsam[distributed]'") from exc
+
+from .io import case_name
+from .localize import TemplateLocalizer
+from .pipeline import CaseResult, CohortSegmenter, is_complete, segment_one, write_summary
+from .segment.backends import load_segmenter
+from .segment.slices import SegmentOptions
+
+PLUGIN_NAME = "medlsam-cohort"
+
+
+@dataclass
+class CohortRecipe:
+    """Everything needed to build the same :class:`CohortSegmenter` on any machine (picklable).
+
+    ``segmenter`` is called with the device name; the default loads LiteMedSAM.
+    """
+
+    template_dirs: tuple[str, ...]
+    mode: str = "wpl"
+    medlam_checkpoint: str | None = None
+    segmenter: Callable = field(default_factory=lambda: partial(load_segmenter, "litemedsam", None))
+    device: str = "auto"
+    options: SegmentOptions = field(default_factory=SegmentOptions)
+
+    def localizer(self, support=None, device: str | None = None) -> TemplateLocalizer:
+        return TemplateLocalizer(list(self.template_dirs), mode=self.mode, checkpoint=self.medlam_checkpoint,
+                                 device=device or self.device, support=support)
+
+    def build(self, support=None) -> CohortSegmenter:
+        localizer = self.localizer(support)
+        return CohortSegmenter(localizer, self.segmenter(str(localizer.device)), self.options)
+
+
+class _WorkerState:
+    """What one worker keeps between tasks: its models, and a lock so it runs one case at a time
+    (a worker started with several threads would otherwise hold several cases in memory)."""
+
+    def __init__(self, recipe: CohortRecipe, support, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.cohort = recipe.build(support)
+        self.lock = threading.Lock()
+
+
+class MedLSAMWorkerPlugin(distributed.WorkerPlugin):
+    """Carries the recipe and support features to each worker; builds the models when it joins."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, recipe: CohortRecipe, support):
+        self.recipe, self.support, self.state = recipe, support, None
+
+    def setup(self, worker):
+        self.state = _WorkerState(self.recipe, self.support, worker.state.nthreads)
+
+
+def _segment_case_task(image: str, out_dir: str) -> CaseResult:
+    """Runs on a worker: the models come from the worker plugin, never from the task."""
+    state = distributed.get_worker().plugins[PLUGIN_NAME].state
+    with state.lock:
+        return segment_one(state.cohort, Path(image), Path(out_dir))
+
+
+def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, resume: bool = False,
+                    scheduler: str | None = None, workers: int | None = None, client=None,
+                    show_progress: bool = True) -> dict:
+    """Segment every image on a Dask cluster; same outputs, summary and resume rules as ``run_cohort``.
+
+    Cluster: ``client`` (an existing ``distributed.Client``), else ``scheduler`` (address of a
+    running scheduler, e.g. one started by dask-jobqueue), else a ``LocalCluster`` of ``workers``
+    processes sharing this machine's cores.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, CaseResult] = {}
+    todo = []
+    for path in images:
+        case = case_name(path)
+        if resume and is_complete(out_dir, case):
+            results[case] = CaseResult(case, str(path), "skipped")
+        else:
+            todo.append(Path(path).resolve())
+
+    own_cluster = own_client = None
+    if todo:
+        # support features once, here, on CPU: the client may be a login node without a GPU
+        support = recipe.localizer(device="cpu").support.to("cpu")
+        if client is None:
+            if scheduler:
+                client = own_client = distributed.Client(scheduler)
+            else:
+                n = max(1, workers or 1)
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n),
+                                                       processes=True, dashboard_address=None)
+                client = own_client = distributed.Client(own_cluster)
+        try:
+            client.register_plugin(MedLSAMWorkerPlugin(recipe, support), name=PLUGIN_NAME)
+            futures = {client.submit(_segment_case_task, str(p), str(out_dir), pure=False,
+                                     key=f"medlsam-{case_name(p)}-{uuid.uuid4().hex[:8]}"): p
+                       for p in todo}
+            bar = tqdm(total=len(futures), desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
+            for future in distributed.as_completed(futures):
+                path = futures[future]
+                case = case_name(path)
+                try:
+                    results[case] = future.result()
+                except Exception as exc:  # e.g. KilledWorker: its worker died on every retry
+                    results[case] = CaseResult(case, str(path), "failed", 0.0,
+                                               f"{exc.__class__.__name__}: {exc}")
+                bar.set_postfix_str(f"{case} {results[case].status}, "
+                                    f"{len(client.scheduler_info().get('workers', {}))} worker(s)")
+                bar.update()
+            bar.close()
+        finally:
+            if own_client is not None:
+                own_client.close()
+            if own_cluster is not None:
+                own_cluster.close()
+
+    ordered = [results[case_name(p)] for p in images]
+    return write_summary(out_dir, recipe.template_dirs, ordered, executor="dask")
