@@ -279,24 +279,33 @@ def points_as_array(points: Mapping[str, Sequence[float]] | np.ndarray) -> np.nd
     return arr
 
 
-def validate_extreme_points(points, tolerance_mm: float = 1e-3) -> np.ndarray:
-    """Check the six LPS points are mutually consistent; return them as (6, 3).
+def extreme_point_problems(points: dict, tolerance_mm: float = 1e-3) -> list[str]:
+    """One message per inconsistent pair among the points placed so far (``{name: LPS}``).
 
     Each pair must be ordered along its own axis (superior above inferior, left of right,
     anterior in front of posterior). Equal is allowed: a structure may be one voxel thick.
+    Missing points are simply not checked, so this also serves a half-finished placement.
     """
-    arr = points_as_array(points)
+    problems = []
     for high, low, axis_name in (("superior", "inferior", "head-foot"),
                                  ("left", "right", "left-right"),
                                  ("posterior", "anterior", "anterior-posterior")):
-        ah, sh = _POINT_AXIS[high]
-        vh = arr[POINT_NAMES.index(high), ah]
-        vl = arr[POINT_NAMES.index(low), ah]
+        if high not in points or low not in points:
+            continue
+        axis = _POINT_AXIS[high][0]
+        vh, vl = float(np.asarray(points[high])[axis]), float(np.asarray(points[low])[axis])
         if vh < vl - tolerance_mm:
             relation = {"superior": "below", "left": "to the right of", "posterior": "in front of"}[high]
-            raise GeometryError(
-                f"{high} point is {relation} the {low} point ({axis_name} axis: {vh:.1f} vs {vl:.1f} mm)"
-            )
+            problems.append(f"{high} point is {relation} the {low} point ({axis_name} axis: {vh:.1f} vs {vl:.1f} mm)")
+    return problems
+
+
+def validate_extreme_points(points, tolerance_mm: float = 1e-3) -> np.ndarray:
+    """Check the six LPS points are mutually consistent; return them as (6, 3)."""
+    arr = points_as_array(points)
+    problems = extreme_point_problems(dict(zip(POINT_NAMES, arr)), tolerance_mm)
+    if problems:
+        raise GeometryError(problems[0])
     return arr
 
 

@@ -1,0 +1,177 @@
+"""Building templates in Slicer: guided six-point placement, points from a segment, template sets.
+
+Guided placement uses Slicer's predefined control points: a point-list node holds six points
+named superior ... posterior whose positions start *undefined*; Slicer's place mode fills the
+first undefined point on each click, so the user always places the point whose name the panel
+shows next. Re-placing a point makes it undefined again. The node is the single source of
+truth: the panel only reads :func:`placement_status`.
+
+slicer + vtk only (no Qt), so slicer-core runs all of it in tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+
+from MedLSAMLib.errors import InputError
+from MedLSAMLib.geometry import POINT_NAMES, extreme_point_problems, ras_to_lps
+from MedLSAMLib.io import write_volume
+from MedLSAMLib.templates import (Structure, Template, check_structure_name, default_color, extreme_points_from_mask,
+                                  load_template, save_template)
+
+from .nodes import add_volume_node, geometry_from_ijk_to_ras, set_markups_points, volume_from_node
+
+STRUCTURE_ATTRIBUTE = "MedLSAM.Structure"  # node attribute: which structure a point list belongs to
+LABEL_ATTRIBUTE = "MedLSAM.Label"
+
+
+@dataclass
+class PlacementStatus:
+    placed: list[str]
+    next_point: str | None  # name of the point the next click places, None when all six are placed
+    problems: list[str] = field(default_factory=list)  # consistency / inside-the-image messages
+
+    @property
+    def progress(self) -> str:
+        return f"{len(self.placed)}/6 placed"
+
+    @property
+    def complete(self) -> bool:
+        return self.next_point is None and not self.problems
+
+
+def new_placement_node(scene, structure: str, label: int, color=None):
+    """A point list with the six named points still to be placed, in placement order."""
+    check_structure_name(structure)
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", structure)
+    node.CreateDefaultDisplayNodes()
+    for name in POINT_NAMES:
+        index = node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), name)
+        node.ResetNthControlPointPosition(index)
+    node.SetFixedNumberOfControlPoints(True)  # clicks fill these six, never add a seventh
+    node.SetAttribute(STRUCTURE_ATTRIBUTE, structure)
+    node.SetAttribute(LABEL_ATTRIBUTE, str(int(label)))
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetSelectedColor(*(color or default_color(label)))
+    return node
+
+
+def _defined_points_lps(node) -> dict[str, np.ndarray]:
+    out = {}
+    for i in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(i) != node.PositionDefined:
+            continue
+        name = node.GetNthControlPointLabel(i).strip().lower()
+        if name in POINT_NAMES:
+            ras = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(i, ras)
+            out[name] = ras_to_lps(ras)
+    return out
+
+
+def placement_status(node, volume_node=None) -> PlacementStatus:
+    """Which points are placed, which comes next, and what is wrong with them so far."""
+    points = _defined_points_lps(node)
+    undefined = [node.GetNthControlPointLabel(i).strip().lower() for i in range(node.GetNumberOfControlPoints())
+                 if node.GetNthControlPointPositionStatus(i) != node.PositionDefined]
+    placed = [n for n in POINT_NAMES if n in points]
+    problems = extreme_point_problems(points)
+    if volume_node is not None and points:
+        geometry = volume_from_node_geometry(volume_node)
+        for name, p in points.items():
+            if not geometry.contains_lps(np.asarray(p)[None], tolerance=0.5)[0]:
+                problems.append(f"{name} point lies outside {volume_node.GetName()}")
+    return PlacementStatus(placed, undefined[0] if undefined else None, problems)
+
+
+def volume_from_node_geometry(volume_node):
+    """The node's world geometry without copying its voxels."""
+    from .nodes import ijk_to_world_ras
+
+    return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions())
+
+
+def replace_point(node, name: str) -> None:
+    """Make ``name`` undefined so that the next click places it again."""
+    for i in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointLabel(i).strip().lower() == name:
+            node.ResetNthControlPointPosition(i)
+            return
+    raise InputError(f"{node.GetName()}: no point named {name!r}")
+
+
+def points_from_segment(segmentation_node, segment_id: str) -> np.ndarray:
+    """The six LPS extreme points of a segment (each on a voxel of the segment)."""
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, image):
+        raise InputError(f"segment {segment_id!r} has no binary labelmap")
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    if i1 < i0:
+        raise InputError(f"segment {segment_id!r} is empty")
+    from vtk.util import numpy_support
+
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    # the extent may start anywhere: shift the origin so array index 0 is extent start
+    ijk_to_ras[:3, 3] = (ijk_to_ras @ np.array([i0, j0, k0, 1.0]))[:3]
+    dims = (i1 - i0 + 1, j1 - j0 + 1, k1 - k0 + 1)
+    arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+    value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return extreme_points_from_mask(arr == value, geometry_from_ijk_to_ras(ijk_to_ras, dims))
+
+
+def fill_placement_node(node, points_lps) -> None:
+    """Set all six points (e.g. from a segment) keeping the node's guided-placement set-up."""
+    node.SetFixedNumberOfControlPoints(False)
+    set_markups_points(node, points_lps)
+    node.SetFixedNumberOfControlPoints(True)
+
+
+def save_template_set(volume_node, placement_nodes, directory) -> Path:
+    """Write the volume and the structures' points as a template folder (the CLI's format).
+
+    The image is written beside ``template.json`` so the folder moves as one.
+    """
+    structures = {}
+    for node in placement_nodes:
+        name = node.GetAttribute(STRUCTURE_ATTRIBUTE) or node.GetName()
+        status = placement_status(node, volume_node)
+        if status.next_point is not None:
+            raise InputError(f"{name}: {status.progress}; place the {status.next_point} point first")
+        if status.problems:
+            raise InputError(f"{name}: {status.problems[0]}")
+        points = _defined_points_lps(node)
+        display = node.GetDisplayNode()
+        color = tuple(display.GetSelectedColor()) if display is not None else None
+        label = int(node.GetAttribute(LABEL_ATTRIBUTE) or len(structures) + 1)
+        structures[name] = Structure(name, label, np.array([points[n] for n in POINT_NAMES]),
+                                     color or default_color(label))
+    if not structures:
+        raise InputError("add at least one structure to the template")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    image_path = directory / "image.nrrd"
+    write_volume(volume_from_node(volume_node), image_path)
+    save_template(Template(image_path, structures), directory)
+    return directory
+
+
+def load_template_set(scene, directory):
+    """Load a template folder into the scene: (volume node, [point-list node per structure])."""
+    from MedLSAMLib.io import read_ct
+
+    template = load_template(directory)
+    volume_node = add_volume_node(scene, read_ct(template.image_path), f"{template.name} template")
+    nodes = []
+    for s in template.structures.values():
+        node = new_placement_node(scene, s.name, s.label, s.color)
+        fill_placement_node(node, s.points)
+        nodes.append(node)
+    return volume_node, nodes

@@ -1,0 +1,109 @@
+"""Template building in the Slicer module (guided placement, points from a segment, template sets),
+on Slicer's real MRML libraries (slicer-core 5.13-dev, outside the application)."""
+import sys
+
+import numpy as np
+import pytest
+
+from MedLSAMLib.errors import InputError
+from MedLSAMLib.geometry import POINT_NAMES, Geometry, lps_to_ras
+from MedLSAMLib.io import Volume, read_ct, read_labels
+from MedLSAMLib.templates import extreme_points_from_mask, load_template
+
+from conftest import OBLIQUE, REPO, hn_case
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+
+sys.path.insert(0, str(REPO / "MedLSAM"))
+from MedLSAMMRML import nodes, placement  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    return scene
+
+
+def _click(node, index, lps):
+    """What one click in place mode does: Slicer positions the first undefined point."""
+    node.SetNthControlPointPositionWorld(index, *lps_to_ras(lps))
+
+
+def test_guided_placement_shows_next_point_progress_and_problems(scene):
+    geom = Geometry([-40.0, -40.0, 0.0], [1.0, 1.0, 2.0], OBLIQUE, (80, 80, 40))
+    volume = nodes.add_volume_node(scene, Volume(np.zeros(geom.shape_kji, np.float32), geom), "ct")
+    centre = geom.ijk_to_lps([40, 40, 20])
+    node = placement.new_placement_node(scene, "Brainstem", 1)
+    status = placement.placement_status(node, volume)
+    assert (status.placed, status.next_point, status.progress) == ([], "superior", "0/6 placed")
+
+    offsets = {"superior": [0, 0, 10], "inferior": [0, 0, -10], "right": [-8, 0, 0], "left": [8, 0, 0],
+               "anterior": [0, -6, 0], "posterior": [0, 6, 0]}
+    for n, name in enumerate(POINT_NAMES[:4]):
+        _click(node, n, centre + offsets[name])
+    status = placement.placement_status(node, volume)
+    assert status.progress == "4/6 placed" and status.next_point == "anterior" and not status.problems
+
+    # a superior point below the inferior one is reported at once, by name
+    _click(node, 0, centre + [0, 0, -15])
+    status = placement.placement_status(node, volume)
+    assert status.problems == ["superior point is below the inferior point (head-foot axis: "
+                               f"{centre[2] - 15:.1f} vs {centre[2] - 10:.1f} mm)"]
+    placement.replace_point(node, "superior")
+    assert placement.placement_status(node, volume).next_point == "superior"
+    _click(node, 0, centre + offsets["superior"])
+    _click(node, 4, centre + offsets["anterior"])
+    _click(node, 5, centre + [0, 0, 500])  # far outside the volume
+    status = placement.placement_status(node, volume)
+    assert status.next_point is None and status.problems == ["posterior point lies outside ct"]
+    assert not status.complete
+    assert node.GetNumberOfControlPoints() == 6 and node.GetFixedNumberOfControlPoints()
+
+
+def test_points_from_segment_are_the_masks_extreme_points(scene):
+    ct, labels_path = hn_case("train-pats/pt_1")
+    image, labels = read_ct(ct), read_labels(labels_path)
+    volume = nodes.add_volume_node(scene, image, "pt_1")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+
+    class S:  # the template-structure shape write_labels_to_segmentation expects
+        name, label, color = "Mandible", 7, (0.9, 0.8, 0.2)
+
+    nodes.write_labels_to_segmentation(labels, [S], segmentation, volume)
+    seg_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Mandible")
+    got = placement.points_from_segment(segmentation, seg_id)
+    expected = extreme_points_from_mask(labels.array == 7, labels.geometry)
+    assert np.allclose(got, expected, atol=1e-3)
+
+    node = placement.new_placement_node(scene, "Mandible", 7)
+    placement.fill_placement_node(node, got)
+    status = placement.placement_status(node, volume)
+    assert status.complete and status.placed == list(POINT_NAMES)
+    empty_id = segmentation.GetSegmentation().AddEmptySegment("Empty")
+    with pytest.raises(InputError, match="empty"):
+        placement.points_from_segment(segmentation, empty_id)
+
+
+def test_template_set_saved_in_slicer_loads_in_the_library_and_back(scene, tmp_path):
+    ct, labels_path = hn_case("train-pats/pt_1")
+    image, labels = read_ct(ct), read_labels(labels_path)
+    volume = nodes.add_volume_node(scene, image, "pt_1")
+    brainstem = placement.new_placement_node(scene, "Brainstem", 1)
+    placement.fill_placement_node(brainstem, extreme_points_from_mask(labels.array == 1, labels.geometry))
+    unfinished = placement.new_placement_node(scene, "Larynx", 6)
+    with pytest.raises(InputError, match="Larynx: 0/6 placed; place the superior point first"):
+        placement.save_template_set(volume, [brainstem, unfinished], tmp_path / "t")
+
+    placement.save_template_set(volume, [brainstem], tmp_path / "t")
+    template = load_template(tmp_path / "t")  # what `medlsam segment --template` reads
+    assert list(template.structures) == ["Brainstem"] and template.structures["Brainstem"].label == 1
+    assert np.allclose(template.structures["Brainstem"].points,
+                       extreme_points_from_mask(labels.array == 1, labels.geometry), atol=1e-4)
+    saved = template.load_image()
+    assert saved.geometry.is_close(image.geometry, atol=1e-4) and np.array_equal(saved.array, image.array)
+
+    volume2, point_lists = placement.load_template_set(scene, tmp_path / "t")
+    assert [n.GetName() for n in point_lists] == ["Brainstem"]
+    assert np.allclose(nodes.points_from_markups_node(point_lists[0]), template.structures["Brainstem"].points, atol=1e-4)
+    assert nodes.volume_from_node(volume2).geometry.is_close(image.geometry, atol=1e-4)
