@@ -1,0 +1,112 @@
+"""What the MedLSAM Segment Editor effect does, on MRML nodes only (the effect file wires Qt to it).
+
+1. :func:`box_roi_for_structure` - localize one template structure in the volume and show the
+   box as a markups ROI aligned with the volume's voxel axes, which the user can drag.
+2. :func:`ijk_box_from_roi` - read the (possibly edited) ROI back as a voxel box.
+3. :func:`segment_box` - SAM-style segmentation of a range of slices inside that box, returned as
+   a ``vtkOrientedImageData`` labelmap on the volume's grid: the preview, and what Apply writes
+   into the selected segment (after ``saveStateForUndo``).
+
+slicer + vtk only (no Qt), so slicer-core runs all of it in tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+
+from MedLSAMLib.errors import InputError
+from MedLSAMLib.preprocess import SAM_WINDOW
+from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
+
+from .nodes import _oriented_image, ijk_to_world_ras, volume_from_node
+
+PREVIEW_VALUE = 1
+
+
+def _vtk_matrix(array: np.ndarray):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def roi_from_ijk_box(scene, volume_node, box_ijk, name: str):
+    """A markups ROI covering the inclusive voxel box, its axes along the volume's voxel axes."""
+    ijk_to_ras = ijk_to_world_ras(volume_node)
+    lo, hi = np.asarray(box_ijk, float)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    axes = ijk_to_ras[:3, :3] / spacing
+    centre_ras = (ijk_to_ras @ np.append((lo + hi) / 2.0, 1.0))[:3]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.CreateDefaultDisplayNodes()
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = axes  # oblique volumes get an oblique box
+    object_to_node[:3, 3] = centre_ras
+    roi.SetAndObserveObjectToNodeMatrix(_vtk_matrix(object_to_node))
+    roi.SetSize(*((hi - lo + 1.0) * spacing))  # whole voxels: the box's faces are voxel faces
+    return roi
+
+
+def ijk_box_from_roi(roi_node, volume_node) -> list[list[int]]:
+    """The voxels whose centres lie in the ROI (axis-aligned hull in the volume's IJK), clipped."""
+    corners_ras = []
+    m = roi_node.GetObjectToWorldMatrix()
+    object_to_world = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    half = np.asarray(roi_node.GetSize()) / 2.0
+    for sx in (-1, 1):
+        for sy in (-1, 1):
+            for sz in (-1, 1):
+                corners_ras.append((object_to_world @ np.array([sx * half[0], sy * half[1], sz * half[2], 1.0]))[:3])
+    ras_to_ijk = np.linalg.inv(ijk_to_world_ras(volume_node))
+    ijk = np.array([(ras_to_ijk @ np.append(c, 1.0))[:3] for c in corners_ras])
+    dims = np.array(volume_node.GetImageData().GetDimensions())
+    lo = np.clip(np.ceil(ijk.min(0) - 1e-6), 0, dims - 1).astype(int)  # centres inside the faces
+    hi = np.clip(np.floor(ijk.max(0) + 1e-6), 0, dims - 1).astype(int)
+    if np.any(ijk.max(0) < 0) or np.any(ijk.min(0) > dims - 1):
+        raise InputError(f"the box {roi_node.GetName()} lies outside {volume_node.GetName()}")
+    return [lo.tolist(), hi.tolist()]
+
+
+def box_roi_for_structure(core, template_dirs, volume_node, structure: str, device: str = "auto"):
+    """Localize ``structure`` with the templates; (ROI node, localization entry for it)."""
+    result = core.localize(template_dirs, volume_node, mode="wpl", device=device)
+    if structure not in result["structures"]:
+        raise InputError(f"the templates have no structure {structure!r} "
+                         f"(they have {', '.join(result['structures'])})")
+    entry = result["structures"][structure]
+    roi = roi_from_ijk_box(core.scene, volume_node, entry["box_ijk"], f"{structure} box")
+    return roi, entry
+
+
+def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW, progress=None):
+    """Segment the slices of ``box_ijk`` (all, or the axial ``slices`` range ``(first, last)``)
+    as one structure; returns a uint8 ``vtkOrientedImageData`` on the volume's grid (1 = inside)."""
+    volume = volume_from_node(volume_node)
+    lo, hi = (np.array(b, int) for b in box_ijk)
+    axial = volume.geometry.axial_axis  # voxel axis closest to head-foot
+    if slices is not None:
+        first, last = sorted(int(s) for s in slices)
+        lo[axial], hi[axial] = max(lo[axial], first), min(hi[axial], last)
+        if lo[axial] > hi[axial]:
+            raise InputError(f"slices {first}-{last} are outside the box")
+    request = StructureRequest("preview", PREVIEW_VALUE, [[lo.tolist(), hi.tolist()]], tuple(window))
+    labels, _, _ = segment_volume(volume, [request], segmenter,
+                                  SegmentOptions(resolve_overlaps=False), progress)
+    return _oriented_image(labels == PREVIEW_VALUE, volume.geometry)
+
+
+def labelmap_voxel_count(image) -> int:
+    from vtk.util import numpy_support
+
+    scalars = image.GetPointData().GetScalars()
+    return 0 if scalars is None else int(np.count_nonzero(numpy_support.vtk_to_numpy(scalars)))
+
+
+def write_into_segment(image, segmentation_node, segment_id: str, mode=None) -> None:
+    """The MRML primitive behind the effect's ``modifySelectedSegmentByLabelmap(..., Set)``."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id,
+                                            logic.MODE_REPLACE if mode is None else mode):
+        raise RuntimeError(f"could not write into segment {segment_id}")

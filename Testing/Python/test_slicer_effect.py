@@ -1,0 +1,97 @@
+"""The Segment Editor effect's MRML-level work (ROI box, per-slice segmentation preview, write into a
+segment), on Slicer's real MRML libraries (slicer-core 5.13-dev, outside the application)."""
+import sys
+
+import numpy as np
+import pytest
+
+from MedLSAMLib.errors import InputError
+from MedLSAMLib.geometry import Geometry
+from MedLSAMLib.io import Volume, read_ct
+from MedLSAMLib.templates import template_from_labels
+
+from conftest import OBLIQUE, REPO, hn_case, phantom
+from test_segmentation import ThresholdSegmenter
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+import vtk  # noqa: E402
+
+sys.path.insert(0, str(REPO / "MedLSAM"))
+from MedLSAMMRML import effect, nodes  # noqa: E402
+from MedLSAMMRML.logic import MedLSAMCore  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    return scene
+
+
+@pytest.fixture
+def oblique_volume(scene):
+    geom = Geometry([-30.0, 12.5, 100.0], [0.9, 1.1, 2.0], OBLIQUE, (48, 40, 24))
+    ball = phantom(geom, geom.ijk_to_lps([24, 20, 12]), 9.0)  # 300 inside, -1000 outside
+    node = nodes.add_volume_node(scene, ball, "oblique")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 7.0)
+    m.SetElement(1, 3, -3.0)
+    transform.SetMatrixTransformToParent(m)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return node
+
+
+def test_roi_round_trip_on_an_oblique_volume_under_a_transform(scene, oblique_volume):
+    box = [[5, 7, 3], [30, 25, 17]]
+    roi = effect.roi_from_ijk_box(scene, oblique_volume, box, "box")
+    assert effect.ijk_box_from_roi(roi, oblique_volume) == box
+    # the user drags the ROI 2 voxels along i: the box follows
+    ijk_to_ras = nodes.ijk_to_world_ras(oblique_volume)
+    shift = ijk_to_ras[:3, 0] * 2.0
+    centre = [0.0, 0.0, 0.0]
+    roi.GetCenterWorld(centre)
+    roi.SetCenterWorld(*(np.asarray(centre) + shift))
+    assert effect.ijk_box_from_roi(roi, oblique_volume) == [[7, 7, 3], [32, 25, 17]]
+    roi.SetCenterWorld(*(np.asarray(centre) + ijk_to_ras[:3, 0] * 500.0))
+    with pytest.raises(InputError, match="outside"):
+        effect.ijk_box_from_roi(roi, oblique_volume)
+
+
+def test_segment_range_preview_and_apply_into_a_segment(scene, oblique_volume):
+    box = [[10, 8, 4], [38, 32, 20]]
+    image = effect.segment_box(oblique_volume, box, ThresholdSegmenter(), slices=(10, 13))
+    volume = nodes.volume_from_node(oblique_volume)
+    assert volume.geometry.axial_axis == 2  # this phantom is stored axially: slices are k
+    # ThresholdSegmenter keeps the bright pixels inside each slice's box; the ball's cross-sections
+    # lie inside the box, so the preview is exactly the ball on slices 10-13 and nothing elsewhere
+    expected = np.zeros(volume.array.shape, bool)
+    expected[10:14] = volume.array[10:14] > 0
+    from vtk.util import numpy_support
+
+    got = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1]) > 0
+    assert expected.any() and np.array_equal(got, expected)
+    assert effect.labelmap_voxel_count(image) == int(got.sum())
+
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(oblique_volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "Ball")
+    effect.write_into_segment(image, segmentation, segment_id)
+    back = nodes.segment_mask(segmentation, "Ball", volume.geometry)
+    assert np.array_equal(back, got)
+    with pytest.raises(InputError, match="outside the box"):
+        effect.segment_box(oblique_volume, box, ThresholdSegmenter(), slices=(30, 35))
+
+
+def test_localize_box_roi_for_a_template_structure(scene, tmp_path):
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
+    node = nodes.add_volume_node(scene, read_ct(hn_case("validation-pats/pt_201")[0]), "pt_201")
+    core = MedLSAMCore(scene)
+    roi, entry = effect.box_roi_for_structure(core, [tmp_path / "tpl"], node, "Mandible", device="cpu")
+    assert roi.IsA("vtkMRMLMarkupsROINode") and entry["present"]
+    lo, hi = (np.array(b) for b in effect.ijk_box_from_roi(roi, node))
+    want_lo, want_hi = (np.array(b) for b in entry["box_ijk"])
+    assert np.all(np.abs(lo - want_lo) <= 1) and np.all(np.abs(hi - want_hi) <= 1)  # rounding at voxel faces
+    with pytest.raises(InputError, match="no structure 'Liver'"):
+        effect.box_roi_for_structure(core, [tmp_path / "tpl"], node, "Liver", device="cpu")
