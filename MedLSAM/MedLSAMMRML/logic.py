@@ -2,13 +2,19 @@
 
 Everything heavy is MedLSAMLib (the same code as the ``medlsam`` command line). Models and
 template support features are loaded once and reused for every volume.
+
+Threading rule (Slicer's): MRML and Qt are touched only from the main thread. A cohort runs as a
+:class:`CohortRun`: on the main thread it copies one volume out of MRML and later writes its
+segmentation node; in between, the localization and segmentation of that copy run on a worker
+thread. The panel drives ``poll()`` from a timer so the GUI stays responsive; scripts call
+:meth:`MedLSAMCore.process_cohort`, which drives the same object to completion.
 """
 from __future__ import annotations
 
+import threading
 import time
 import traceback
-
-import slicer
+from concurrent.futures import ThreadPoolExecutor
 
 from MedLSAMLib.errors import USER_ERRORS
 from MedLSAMLib.localize import TemplateLocalizer
@@ -17,6 +23,11 @@ from MedLSAMLib.pipeline import CohortSegmenter
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
 
 RESULT_SUFFIX = " MedLSAM"
+LOW_CONFIDENCE = 0.3  # below this the results table asks for review
+
+
+class Cancelled(Exception):
+    """Raised inside the worker between slices when the user pressed Cancel."""
 
 
 class MedLSAMCore:
@@ -25,7 +36,7 @@ class MedLSAMCore:
         self._localizers: dict[tuple, TemplateLocalizer] = {}
         self._segmenters: dict[tuple, object] = {}
 
-    # -- cached heavy objects ---------------------------------------------------------------
+    # -- cached heavy objects (safe to build on the worker thread: no MRML) ------------------
     def localizer(self, template_dirs, mode="wpl", device="auto", checkpoint=None) -> TemplateLocalizer:
         key = (tuple(str(d) for d in template_dirs), mode, device, str(checkpoint))
         if key not in self._localizers:
@@ -40,18 +51,17 @@ class MedLSAMCore:
             self._segmenters[key] = load_segmenter(name, checkpoint, device)
         return self._segmenters[key]
 
+    def cohort_segmenter(self, template_dirs, mode="spl", device="auto", segmenter=None,
+                         segmenter_name="litemedsam", checkpoint=None) -> CohortSegmenter:
+        localizer = self.localizer(template_dirs, mode, device)
+        return CohortSegmenter(localizer, segmenter or self.segmenter(segmenter_name, checkpoint, localizer.device))
+
     # -- operations -------------------------------------------------------------------------
     def localize(self, template_dirs, volume_node, mode="wpl", device="auto", checkpoint=None) -> dict:
         return self.localizer(template_dirs, mode, device, checkpoint).localize(volume_from_node(volume_node))
 
-    def segment(self, volume_node, template_dirs, segmentation_node=None, mode="spl", device="auto",
-                segmenter=None, progress=None):
-        """Localize and segment one volume into ``segmentation_node`` (created as '<volume> MedLSAM')."""
-        localizer = self.localizer(template_dirs, mode, device)
-        seg = segmenter or self.segmenter(device=localizer.device)
-        cohort = CohortSegmenter(localizer, seg)
-        volume = volume_from_node(volume_node)  # one copy of the node's voxels
-        labels, record = cohort.segment_volume(volume, progress)
+    def write_result(self, volume_node, volume, labels, cohort: CohortSegmenter, segmentation_node=None):
+        """Main thread: the labels into '<volume> MedLSAM' (or the given node), beside the volume."""
         if segmentation_node is None:
             segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                              volume_node.GetName() + RESULT_SUFFIX)
@@ -59,32 +69,132 @@ class MedLSAMCore:
         write_labels_to_segmentation(volume.with_array(labels), cohort.structures.values(),
                                      segmentation_node, volume_node)
         place_under_study(self.scene, segmentation_node, volume_node)
-        return segmentation_node, record
+        return segmentation_node
+
+    def segment(self, volume_node, template_dirs, segmentation_node=None, mode="spl", device="auto",
+                segmenter=None, progress=None, segmenter_name="litemedsam", checkpoint=None):
+        """Localize and segment one volume into ``segmentation_node`` (created as '<volume> MedLSAM')."""
+        cohort = self.cohort_segmenter(template_dirs, mode, device, segmenter, segmenter_name, checkpoint)
+        volume = volume_from_node(volume_node)  # one copy of the node's voxels
+        labels, record = cohort.segment_volume(volume, progress)
+        return self.write_result(volume_node, volume, labels, cohort, segmentation_node), record
 
     def process_cohort(self, volume_nodes, template_dirs, mode="spl", device="auto", segmenter=None,
-                       progress_callback=None, cancel_event=None) -> list[dict]:
-        """Segment every volume; one failure does not stop the others; cancel keeps finished results.
+                       progress_callback=None, cancel_event=None, segmenter_name="litemedsam",
+                       checkpoint=None) -> list[dict]:
+        """Segment every volume (blocking); one failure does not stop the others; cancel keeps finished results.
 
         ``progress_callback(case_index, case_count, stage)`` is called between stages;
         ``cancel_event`` is anything with ``is_set()`` (e.g. ``threading.Event``).
         """
-        results = []
-        for n, node in enumerate(volume_nodes):
-            if progress_callback:
-                progress_callback(n, len(volume_nodes), f"segmenting {node.GetName()}")
-            if cancel_event is not None and cancel_event.is_set():  # checked between cases
-                results.append({"volume": node.GetName(), "status": "cancelled"})
-                continue
-            t0 = time.perf_counter()
+        run = CohortRun(self, volume_nodes, template_dirs, mode=mode, device=device, segmenter=segmenter,
+                        segmenter_name=segmenter_name, checkpoint=checkpoint,
+                        progress_callback=progress_callback, cancel_event=cancel_event)
+        while run.poll():
+            run.wait(0.05)
+        return run.results
+
+
+class CohortRun:
+    """One cohort, one case at a time; ``poll()`` from the main thread until it returns False.
+
+    ``results``: one dict per volume in input order: ``volume``, ``status`` (ok / failed /
+    cancelled), ``seconds``, ``segmentation`` (node ID), ``structures`` (present, confidence,
+    voxels), ``review`` (structures absent or below :data:`LOW_CONFIDENCE`), ``error``.
+    """
+
+    def __init__(self, core: MedLSAMCore, volume_nodes, template_dirs, *, mode="spl", device="auto",
+                 segmenter=None, segmenter_name="litemedsam", checkpoint=None, progress_callback=None,
+                 cancel_event=None):
+        self.core = core
+        self.nodes = list(volume_nodes)
+        self.settings = dict(template_dirs=list(template_dirs), mode=mode, device=device, segmenter=segmenter,
+                             segmenter_name=segmenter_name, checkpoint=checkpoint)
+        self.progress_callback = progress_callback
+        self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
+        self.results: list[dict] = []
+        self.slices = (0, 0)  # slices done / total of the running case
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MedLSAM")
+        self._future = None
+        self._case = None  # (node, volume copy, start time) of the running case
+        self._cohort = None
+        self._done = False
+
+    # -- main thread ------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def wait(self, seconds: float) -> None:
+        """Block up to ``seconds`` for the running case (releases the GIL for the worker)."""
+        if self._future is not None:
             try:
-                seg_node, record = self.segment(node, template_dirs, mode=mode, device=device, segmenter=segmenter)
-                results.append({"volume": node.GetName(), "status": "ok", "segmentation": seg_node.GetID(),
-                                "seconds": time.perf_counter() - t0, "structures": record["structures"]})
-            except USER_ERRORS as exc:
-                results.append({"volume": node.GetName(), "status": "failed", "error": str(exc)})
-            except Exception as exc:  # keep going; the trace is kept for the results table
-                results.append({"volume": node.GetName(), "status": "failed",
-                                "error": f"{exc.__class__.__name__}: {exc}", "traceback": traceback.format_exc(limit=5)})
-        if progress_callback:
-            progress_callback(len(volume_nodes), len(volume_nodes), "done")
-        return results
+                self._future.exception(timeout=seconds)
+            except Exception:  # TimeoutError or the case's own error: poll() handles it
+                pass
+
+    def poll(self) -> bool:
+        if self._done:
+            return False
+        if self._future is not None:
+            if not self._future.done():
+                return True
+            self._finish_case()
+        index = len(self.results)
+        if index == len(self.nodes):
+            self._executor.shutdown(wait=False)
+            self._done = True
+            self._progress(index, "done")
+            return False
+        node = self.nodes[index]
+        if self.cancel_event.is_set():
+            self.results.append({"volume": node.GetName(), "status": "cancelled"})
+            return True
+        self._progress(index, f"segmenting {node.GetName()}")
+        try:
+            volume = volume_from_node(node)  # MRML read: main thread
+        except USER_ERRORS as exc:
+            self.results.append({"volume": node.GetName(), "status": "failed", "error": str(exc)})
+            return True
+        self.slices = (0, 0)
+        self._case = (node, volume, time.perf_counter())
+        self._future = self._executor.submit(self._compute, volume)
+        return True
+
+    def _finish_case(self) -> None:
+        node, volume, t0 = self._case
+        future, self._future, self._case = self._future, None, None
+        entry = {"volume": node.GetName(), "seconds": round(time.perf_counter() - t0, 1)}
+        try:
+            labels, record = future.result()
+            seg_node = self.core.write_result(node, volume, labels, self._cohort)  # MRML write: main thread
+        except Cancelled:
+            entry.update(status="cancelled")
+        except USER_ERRORS as exc:
+            entry.update(status="failed", error=str(exc))
+        except Exception as exc:  # keep going; the trace is kept for the results table
+            entry.update(status="failed", error=f"{exc.__class__.__name__}: {exc}",
+                         traceback=traceback.format_exc(limit=5))
+        else:
+            structures = {n: {"present": r["present"], "confidence": r["confidence"], "voxels": r.get("voxels", 0)}
+                          for n, r in record["structures"].items()}
+            entry.update(status="ok", segmentation=seg_node.GetID(), structures=structures,
+                         review=[n for n, s in structures.items()
+                                 if not s["present"] or s["confidence"] < LOW_CONFIDENCE or not s["voxels"]])
+        self.results.append(entry)
+
+    def _progress(self, index: int, stage: str) -> None:
+        if self.progress_callback:
+            self.progress_callback(index, len(self.nodes), stage)
+
+    # -- worker thread: no MRML, no Qt --------------------------------------------------------
+    def _compute(self, volume):
+        if self._cohort is None:
+            s = self.settings
+            self._cohort = self.core.cohort_segmenter(s["template_dirs"], s["mode"], s["device"], s["segmenter"],
+                                                      s["segmenter_name"], s["checkpoint"])
+        return self._cohort.segment_volume(volume, self._slice_progress)
+
+    def _slice_progress(self, done: int, total: int) -> None:
+        self.slices = (done, total)
+        if self.cancel_event.is_set():
+            raise Cancelled()

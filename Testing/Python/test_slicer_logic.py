@@ -89,3 +89,42 @@ def test_process_cohort_matches_cli_outputs_and_cancel_keeps_finished(scene, tmp
                                   segmenter=ThresholdSegmenter(), cancel_event=cancel,
                                   progress_callback=lambda i, n, s: cancel.set() if i == 1 else None)
     assert [r["status"] for r in results] == ["ok", "cancelled"]
+
+
+class SlowThresholdSegmenter(ThresholdSegmenter):
+    def embed(self, slices):
+        import time
+
+        time.sleep(0.02 * len(slices))
+        return super().embed(slices)
+
+
+def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_cancels_mid_case(scene, tmp_path):
+    from MedLSAMMRML.logic import CohortRun
+
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
+    queries = [hn_case(f"validation-pats/pt_{n}")[0] for n in (201, 202, 203)]
+    volume_nodes = [nodes.add_volume_node(scene, read_ct(q), q.name.split(".")[0]) for q in queries]
+    bad = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no image")  # fails, the others go on
+    core = MedLSAMCore(scene)
+    writers = []
+    original = core.write_result
+    core.write_result = lambda *a, **k: writers.append(threading.current_thread()) or original(*a, **k)
+
+    run = CohortRun(core, [volume_nodes[0], bad, volume_nodes[1], volume_nodes[2]], [tmp_path / "tpl"],
+                    mode="wpl", device="cpu", segmenter=SlowThresholdSegmenter())
+    polls = 0
+    while run.poll():
+        polls += 1
+        if len(run.results) == 3 and run.slices[0] > 0:  # the last case is part-way through its slices
+            run.cancel()
+        run.wait(0.02)
+    assert polls > 10, "poll() returns at once while the worker computes"
+    assert [r["status"] for r in run.results] == ["ok", "failed", "ok", "cancelled"]
+    assert "no image data" in run.results[1]["error"]
+    assert writers and all(t is threading.main_thread() for t in writers)
+    assert scene.GetFirstNodeByName("pt_203_ct MedLSAM") is None  # the cancelled case left nothing behind
+    for r in run.results[::2]:
+        assert set(r["structures"]) == {"Mandible"} and r["seconds"] > 0
+        assert isinstance(r["review"], list)
