@@ -19,7 +19,7 @@ from MedLSAMLib.errors import InputError
 from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
-from .nodes import _oriented_image, ijk_to_world_ras, volume_from_node
+from .nodes import ijk_to_world_ras, volume_from_node
 
 PREVIEW_VALUE = 1
 
@@ -80,9 +80,25 @@ def box_roi_for_structure(core, template_dirs, volume_node, structure: str, devi
     return roi, entry
 
 
+def axial_slice_at(volume_node, ras) -> int:
+    """Index along the volume's axial voxel axis of a world RAS point (e.g. the Red view's centre)."""
+    ijk = (np.linalg.inv(ijk_to_world_ras(volume_node)) @ np.append(np.asarray(ras, float), 1.0))[:3]
+    volume_geometry_axial = _axial_axis(volume_node)
+    return int(round(ijk[volume_geometry_axial]))
+
+
+def _axial_axis(volume_node) -> int:
+    from .nodes import geometry_from_ijk_to_ras
+
+    return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions()).axial_axis
+
+
 def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW, progress=None):
-    """Segment the slices of ``box_ijk`` (all, or the axial ``slices`` range ``(first, last)``)
-    as one structure; returns a uint8 ``vtkOrientedImageData`` on the volume's grid (1 = inside)."""
+    """Segment the slices of ``box_ijk`` (all, or the axial ``slices`` range ``(first, last)``).
+
+    Returns a uint8 ``vtkOrientedImageData`` (1 = inside) on the volume's grid whose extent is
+    the segmented block (the preview; see :func:`merged_with_segment` for Apply).
+    """
     volume = volume_from_node(volume_node)
     lo, hi = (np.array(b, int) for b in box_ijk)
     axial = volume.geometry.axial_axis  # voxel axis closest to head-foot
@@ -92,9 +108,21 @@ def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW,
         if lo[axial] > hi[axial]:
             raise InputError(f"slices {first}-{last} are outside the box")
     request = StructureRequest("preview", PREVIEW_VALUE, [[lo.tolist(), hi.tolist()]], tuple(window))
-    labels, _, _ = segment_volume(volume, [request], segmenter,
-                                  SegmentOptions(resolve_overlaps=False), progress)
-    return _oriented_image(labels == PREVIEW_VALUE, volume.geometry)
+    labels, _, _ = segment_volume(volume, [request], segmenter, SegmentOptions(resolve_overlaps=False), progress)
+    block = labels[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] == PREVIEW_VALUE  # [k, j, i]
+    return _oriented_block(block, volume.geometry, lo)
+
+
+def _oriented_block(block: np.ndarray, geometry, lo) -> "slicer.vtkOrientedImageData":
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    k, j, i = block.shape
+    image.SetExtent(int(lo[0]), int(lo[0]) + i - 1, int(lo[1]), int(lo[1]) + j - 1, int(lo[2]), int(lo[2]) + k - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(block, np.uint8).ravel()
+    image.SetImageToWorldMatrix(_vtk_matrix(geometry.ijk_to_ras_matrix))
+    return image
 
 
 def labelmap_voxel_count(image) -> int:
@@ -104,9 +132,36 @@ def labelmap_voxel_count(image) -> int:
     return 0 if scalars is None else int(np.count_nonzero(numpy_support.vtk_to_numpy(scalars)))
 
 
-def write_into_segment(image, segmentation_node, segment_id: str, mode=None) -> None:
-    """The MRML primitive behind the effect's ``modifySelectedSegmentByLabelmap(..., Set)``."""
+def merged_with_segment(preview, segmentation_node, segment_id: str, volume_node):
+    """The segment on the volume's grid with the preview's block replaced by the preview.
+
+    Apply writes this with ``ModificationModeSet``: the segmented slices take the preview, every
+    other voxel of the segment (earlier slices, manual strokes) stays as it was.
+    """
+    from vtk.util import numpy_support
+
+    volume = volume_from_node(volume_node)
+    reference = _oriented_block(np.zeros(volume.geometry.shape_kji, bool), volume.geometry, [0, 0, 0])
+    current = slicer.vtkOrientedImageData()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id,
-                                            logic.MODE_REPLACE if mode is None else mode):
+    merged = np.zeros(volume.geometry.shape_kji, bool)
+    if logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, current) and \
+            current.GetExtent()[1] >= current.GetExtent()[0]:
+        on_grid = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(current, reference, on_grid)
+        value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+        i0, i1, j0, j1, k0, k1 = on_grid.GetExtent()
+        arr = numpy_support.vtk_to_numpy(on_grid.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+        merged[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = arr == value
+    i0, i1, j0, j1, k0, k1 = preview.GetExtent()
+    block = numpy_support.vtk_to_numpy(preview.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+    merged[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = block > 0
+    return _oriented_block(merged, volume.geometry, [0, 0, 0])
+
+
+def write_into_segment(image, segmentation_node, segment_id: str) -> None:
+    """Replace the segment by ``image``: the MRML primitive behind ``modifySelectedSegmentByLabelmap(
+    image, ModificationModeSet)`` (Apply passes :func:`merged_with_segment`'s result)."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
         raise RuntimeError(f"could not write into segment {segment_id}")

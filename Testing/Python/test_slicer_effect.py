@@ -61,24 +61,31 @@ def test_roi_round_trip_on_an_oblique_volume_under_a_transform(scene, oblique_vo
 def test_segment_range_preview_and_apply_into_a_segment(scene, oblique_volume):
     box = [[10, 8, 4], [38, 32, 20]]
     image = effect.segment_box(oblique_volume, box, ThresholdSegmenter(), slices=(10, 13))
+    centre_ras = nodes.ijk_to_world_ras(oblique_volume) @ [20, 20, 11.2, 1.0]
+    assert effect.axial_slice_at(oblique_volume, centre_ras[:3]) == 11
     volume = nodes.volume_from_node(oblique_volume)
     assert volume.geometry.axial_axis == 2  # this phantom is stored axially: slices are k
     # ThresholdSegmenter keeps the bright pixels inside each slice's box; the ball's cross-sections
     # lie inside the box, so the preview is exactly the ball on slices 10-13 and nothing elsewhere
     expected = np.zeros(volume.array.shape, bool)
     expected[10:14] = volume.array[10:14] > 0
-    from vtk.util import numpy_support
-
-    got = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1]) > 0
-    assert expected.any() and np.array_equal(got, expected)
-    assert effect.labelmap_voxel_count(image) == int(got.sum())
-
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    assert (k0, k1) == (10, 13) and (i0, j0) == (10, 8) and (i1, j1) == (38, 32)  # the segmented block only
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(oblique_volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", "Ball")
-    effect.write_into_segment(image, segmentation, segment_id)
-    back = nodes.segment_mask(segmentation, "Ball", volume.geometry)
-    assert np.array_equal(back, got)
+    block = np.zeros(volume.array.shape, bool)
+    block[10:14, 8:33, 10:39] = True
+    blank = np.zeros(volume.array.shape, bool)
+    blank[2, 5:9, 5:9] = True  # the user's earlier work on another slice
+    blank[11, 0:3, 0:3] = True  # a stray stroke inside the range but outside the box: kept too
+    blank[12, 9, 11] = True  # inside the block, off the ball: replaced by the preview (cleared)
+    effect.write_into_segment(effect._oriented_block(blank, volume.geometry, [0, 0, 0]), segmentation, segment_id)
+    effect.write_into_segment(effect.merged_with_segment(image, segmentation, segment_id, oblique_volume),
+                              segmentation, segment_id)
+    got = nodes.segment_mask(segmentation, "Ball", volume.geometry)
+    assert expected.any() and np.array_equal(got, expected | (blank & ~block))
+    assert effect.labelmap_voxel_count(image) == int(expected.sum())
     with pytest.raises(InputError, match="outside the box"):
         effect.segment_box(oblique_volume, box, ThresholdSegmenter(), slices=(30, 35))
 
