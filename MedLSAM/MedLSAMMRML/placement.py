@@ -27,6 +27,7 @@ from .nodes import add_volume_node, geometry_from_ijk_to_ras, set_markups_points
 
 STRUCTURE_ATTRIBUTE = "MedLSAM.Structure"  # node attribute: which structure a point list belongs to
 LABEL_ATTRIBUTE = "MedLSAM.Label"
+TEMPLATE_ATTRIBUTE = "MedLSAM.Template"  # on a volume node: the template folder it was saved to / loaded from
 
 
 @dataclass
@@ -160,6 +161,7 @@ def save_template_set(volume_node, placement_nodes, directory) -> Path:
     image_path = directory / "image.nrrd"
     write_volume(volume_from_node(volume_node), image_path)
     save_template(Template(image_path, structures), directory)
+    volume_node.SetAttribute(TEMPLATE_ATTRIBUTE, str(directory))
     return directory
 
 
@@ -169,6 +171,7 @@ def load_template_set(scene, directory):
 
     template = load_template(directory)
     volume_node = add_volume_node(scene, read_ct(template.image_path), f"{template.name} template")
+    volume_node.SetAttribute(TEMPLATE_ATTRIBUTE, str(directory))
     nodes = []
     for s in template.structures.values():
         node = new_placement_node(scene, s.name, s.label, s.color)

@@ -53,11 +53,14 @@ def test_module_cmake_installs_every_library_file():
     assert on_disk == listed, f"missing from MedLSAM/CMakeLists.txt: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
 
 
-def test_module_cmake_lists_every_module_script():
-    text = (REPO / "MedLSAM" / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed = set(re.findall(r"^\s+(MedLSAMMRML/\S+\.py)\s*$", text, re.M))
-    on_disk = {p.relative_to(REPO / "MedLSAM").as_posix() for p in (REPO / "MedLSAM" / "MedLSAMMRML").glob("*.py")}
-    assert on_disk == listed
+def test_module_cmake_lists_every_module_file():
+    """Every script and resource of the Slicer module is built and installed (nothing works only from source)."""
+    text = (REPO / "MedLSAM" / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "MedLSAM")
+    listed = set(re.findall(r"^\s+((?!MedLSAMLib/)[\w/.-]+\.(?:py|ui|png|txt))\s*$", text, re.M))
+    module = REPO / "MedLSAM"
+    on_disk = {p.relative_to(module).as_posix() for p in module.rglob("*")
+               if p.suffix in (".py", ".ui", ".png", ".txt") and p.name != "CMakeLists.txt" and "Testing" not in p.parts and "__pycache__" not in p.parts}
+    assert on_disk == listed, f"missing: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
 
 
 def test_mrml_layer_never_imports_qt():

@@ -128,3 +128,19 @@ def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_canc
     for r in run.results[::2]:
         assert set(r["structures"]) == {"Mandible"} and r["seconds"] > 0
         assert isinstance(r["review"], list)
+
+
+def test_self_test_scenario_passes_on_real_mrml(scene, tmp_path):
+    """The scenario MedLSAMTest runs inside Slicer, here on slicer-core with the fast test segmenter."""
+    from MedLSAMMRML.scenarios import build_template_and_cohort, check_cohort_results
+
+    scenario = build_template_and_cohort(scene, tmp_path, cases=2)
+    assert len(scenario["volumes"]) == 2 and scenario["structures"] == ["right lung", "left lung"]
+    core = MedLSAMCore(scene)
+    results = core.process_cohort(scenario["volumes"], [scenario["template"]], mode="wpl", device="cpu",
+                                  segmenter=ThresholdSegmenter())
+    assert check_cohort_results(scene, scenario, results, segmenter=ThresholdSegmenter()) == []
+    # the check can fail: a wrong mask is reported
+    seg = scene.GetFirstNodeByName("case01 MedLSAM")
+    seg.GetSegmentation().GetNthSegment(0).SetName("renamed")
+    assert any("segments" in p for p in check_cohort_results(scene, scenario, results, segmenter=ThresholdSegmenter()))

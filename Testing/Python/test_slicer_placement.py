@@ -107,3 +107,16 @@ def test_template_set_saved_in_slicer_loads_in_the_library_and_back(scene, tmp_p
     assert [n.GetName() for n in point_lists] == ["Brainstem"]
     assert np.allclose(nodes.points_from_markups_node(point_lists[0]), template.structures["Brainstem"].points, atol=1e-4)
     assert nodes.volume_from_node(volume2).geometry.is_close(image.geometry, atol=1e-4)
+
+
+def test_saved_and_loaded_template_volumes_are_marked_so_the_cohort_skips_them(scene, tmp_path):
+    ct, labels_path = hn_case("train-pats/pt_1")
+    labels = read_labels(labels_path)
+    volume = nodes.add_volume_node(scene, read_ct(ct), "pt_1")
+    node = placement.new_placement_node(scene, "Brainstem", 1)
+    placement.fill_placement_node(node, extreme_points_from_mask(labels.array == 1, labels.geometry))
+    assert volume.GetAttribute(placement.TEMPLATE_ATTRIBUTE) is None
+    placement.save_template_set(volume, [node], tmp_path / "t")
+    assert volume.GetAttribute(placement.TEMPLATE_ATTRIBUTE) == str(tmp_path / "t")
+    loaded, _ = placement.load_template_set(scene, tmp_path / "t")
+    assert loaded.GetAttribute(placement.TEMPLATE_ATTRIBUTE) == str(tmp_path / "t")

@@ -1,0 +1,231 @@
+"""Segment Editor effect "MedLSAM": template box -> SAM on each slice -> preview -> Apply (undoable).
+
+Qt wiring only; the work is in ``MedLSAMMRML.effect`` (tested on Slicer's real MRML libraries).
+The preview lives in a separate segmentation node until Apply, which first calls
+``saveStateForUndo()`` so Ctrl+Z restores the segment; Cancel discards preview and box.
+"""
+import os
+
+import ctk
+import qt
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+PREVIEW_NODE_NAME = "MedLSAM preview"
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "MedLSAM"
+        scriptedEffect.perSegment = False  # the selected segment names the template structure
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self._core = None
+        self._roi = None
+        self._preview = None  # vtkOrientedImageData of the last Segment slice / range
+        self._previewNode = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return ("<html>Segment the selected segment with MedLSAM.<br>"
+                "<b>Localize</b>: the templates propose a 3D box for the structure named like the selected "
+                "segment (drag the box to adjust).<br><b>Segment slice</b> / <b>Segment range</b>: SAM on "
+                "each slice inside the box, shown as a preview.<br><b>Apply</b> writes the preview into the "
+                "segment (undo with Ctrl+Z); <b>Cancel</b> discards it.</html>")
+
+    # -- options panel ----------------------------------------------------------------------
+    def setupOptionsFrame(self):
+        self.templateFolderEdit = ctk.ctkPathLineEdit()
+        self.templateFolderEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.templateFolderEdit.toolTip = "template folder (template.json) with a structure named like the segment"
+        self.scriptedEffect.addLabeledOptionsWidget("Template:", self.templateFolderEdit)
+
+        self.localizeButton = qt.QPushButton("Localize")
+        self.localizeButton.toolTip = "Propose a box for the selected segment's structure from the template"
+        self.scriptedEffect.addOptionsWidget(self.localizeButton)
+
+        self.firstSliceSpinBox = qt.QSpinBox()
+        self.lastSliceSpinBox = qt.QSpinBox()
+        for spin in (self.firstSliceSpinBox, self.lastSliceSpinBox):
+            spin.minimum = 0
+            spin.maximum = 10000
+        rangeLayout = qt.QHBoxLayout()
+        rangeLayout.addWidget(self.firstSliceSpinBox)
+        rangeLayout.addWidget(self.lastSliceSpinBox)
+        self.scriptedEffect.addLabeledOptionsWidget("Slices:", rangeLayout)
+
+        self.segmentSliceButton = qt.QPushButton("Segment slice")
+        self.segmentSliceButton.toolTip = "Segment the slice shown in the Red view inside the box"
+        self.segmentRangeButton = qt.QPushButton("Segment range")
+        self.segmentRangeButton.toolTip = "Segment every slice of the range inside the box"
+        segmentLayout = qt.QHBoxLayout()
+        segmentLayout.addWidget(self.segmentSliceButton)
+        segmentLayout.addWidget(self.segmentRangeButton)
+        self.scriptedEffect.addOptionsWidget(segmentLayout)
+
+        self.applyButton = qt.QPushButton("Apply")
+        self.applyButton.enabled = False
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton.enabled = False
+        finishLayout = qt.QHBoxLayout()
+        finishLayout.addWidget(self.cancelButton)
+        finishLayout.addWidget(self.applyButton)
+        self.scriptedEffect.addOptionsWidget(finishLayout)
+
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        self.templateFolderEdit.connect("currentPathChanged(QString)", self.updateMRMLFromGUI)
+        self.localizeButton.connect("clicked()", self.onLocalize)
+        self.segmentSliceButton.connect("clicked()", self.onSegmentSlice)
+        self.segmentRangeButton.connect("clicked()", self.onSegmentRange)
+        self.applyButton.connect("clicked()", self.onApply)
+        self.cancelButton.connect("clicked()", self.onCancel)
+
+    def cleanup(self):
+        # Qt signals hold references to this object (Slicer issue #7392): disconnect them
+        self.templateFolderEdit.disconnect("currentPathChanged(QString)", self.updateMRMLFromGUI)
+        self.localizeButton.disconnect("clicked()", self.onLocalize)
+        self.segmentSliceButton.disconnect("clicked()", self.onSegmentSlice)
+        self.segmentRangeButton.disconnect("clicked()", self.onSegmentRange)
+        self.applyButton.disconnect("clicked()", self.onApply)
+        self.cancelButton.disconnect("clicked()", self.onCancel)
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("TemplateFolder", "")
+
+    def updateGUIFromMRML(self):
+        wasBlocked = self.templateFolderEdit.blockSignals(True)
+        self.templateFolderEdit.currentPath = self.scriptedEffect.parameter("TemplateFolder")
+        self.templateFolderEdit.blockSignals(wasBlocked)
+
+    def updateMRMLFromGUI(self, *args):
+        self.scriptedEffect.setParameter("TemplateFolder", self.templateFolderEdit.currentPath)
+
+    def deactivate(self):
+        self.discardPreview()
+
+    # -- actions ------------------------------------------------------------------------------
+    @property
+    def core(self):
+        if self._core is None:
+            from MedLSAMMRML.logic import MedLSAMCore
+
+            self._core = MedLSAMCore(slicer.mrmlScene)
+        return self._core
+
+    def _nodes(self):
+        editorNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = editorNode.GetSegmentationNode()
+        volumeNode = editorNode.GetSourceVolumeNode()
+        segmentId = editorNode.GetSelectedSegmentID()
+        if segmentationNode is None or volumeNode is None or not segmentId:
+            raise ValueError("Select a segmentation, its source volume and a segment first.")
+        return segmentationNode, volumeNode, segmentId
+
+    def onLocalize(self):
+        from MedLSAMMRML import effect
+
+        with slicer.util.tryWithErrorDisplay("MedLSAM could not localize the structure.", waitCursor=True):
+            segmentationNode, volumeNode, segmentId = self._nodes()
+            name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+            folder = self.scriptedEffect.parameter("TemplateFolder")
+            if not folder:
+                raise ValueError("Choose the template folder.")
+            if self._roi is not None:
+                slicer.mrmlScene.RemoveNode(self._roi)
+            self._roi, entry = effect.box_roi_for_structure(self.core, [folder], volumeNode, name)
+            first, last = self._roiSliceRange(volumeNode)
+            self.firstSliceSpinBox.value, self.lastSliceSpinBox.value = first, last
+            note = "" if entry["present"] else " (the templates think it is absent: check the box)"
+            self.statusLabel.text = f"{name}: box proposed, confidence {entry['confidence']:.2f}{note}."
+
+    def _roiSliceRange(self, volumeNode):
+        from MedLSAMMRML import effect
+
+        lo, hi = effect.ijk_box_from_roi(self._roi, volumeNode)
+        axis = effect._axial_axis(volumeNode)
+        return lo[axis], hi[axis]
+
+    def onSegmentSlice(self):
+        from MedLSAMMRML import effect
+
+        with slicer.util.tryWithErrorDisplay("MedLSAM could not segment the slice.", waitCursor=True):
+            _, volumeNode, _ = self._nodes()
+            sliceToRas = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
+            centre = [sliceToRas.GetElement(r, 3) for r in range(3)]
+            index = effect.axial_slice_at(volumeNode, centre)
+            self._segment(index, index)
+
+    def onSegmentRange(self):
+        with slicer.util.tryWithErrorDisplay("MedLSAM could not segment the range.", waitCursor=True):
+            self._segment(self.firstSliceSpinBox.value, self.lastSliceSpinBox.value)
+
+    def _segment(self, first, last):
+        from MedLSAMMRML import effect
+
+        segmentationNode, volumeNode, segmentId = self._nodes()
+        if self._roi is None:
+            raise ValueError("Press Localize first (or place a box).")
+        box = effect.ijk_box_from_roi(self._roi, volumeNode)
+        segmenter = self.core.segmenter(device="cuda" if self._cuda() else "cpu")
+        self._preview = effect.segment_box(volumeNode, box, segmenter, slices=(first, last))
+        self._showPreview(volumeNode)
+        voxels = effect.labelmap_voxel_count(self._preview)
+        self.statusLabel.text = f"Preview: {voxels} voxels on slices {first}-{last}. Apply or Cancel."
+        self.applyButton.enabled = self.cancelButton.enabled = True
+
+    @staticmethod
+    def _cuda():
+        import torch
+
+        return torch.cuda.is_available()
+
+    def _showPreview(self, volumeNode):
+        from MedLSAMMRML import effect
+
+        if self._previewNode is None:
+            self._previewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NODE_NAME)
+            self._previewNode.CreateDefaultDisplayNodes()
+            self._previewNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            self._previewNode.GetSegmentation().AddEmptySegment("preview", "preview", [1.0, 1.0, 0.0])
+            self._previewNode.GetDisplayNode().SetOpacity2DFill(0.4)
+        effect.write_into_segment(self._preview, self._previewNode, "preview")
+
+    def onApply(self):
+        from MedLSAMMRML import effect
+
+        with slicer.util.tryWithErrorDisplay("MedLSAM could not apply the preview.", waitCursor=True):
+            segmentationNode, volumeNode, segmentId = self._nodes()
+            merged = effect.merged_with_segment(self._preview, segmentationNode, segmentId, volumeNode)
+            self.scriptedEffect.saveStateForUndo()
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(
+                merged, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+            self.discardPreview(keepBox=True)
+            self.statusLabel.text = "Applied (Ctrl+Z undoes it)."
+
+    def onCancel(self):
+        self.discardPreview()
+        self.statusLabel.text = "Discarded."
+
+    def discardPreview(self, keepBox=False):
+        self._preview = None
+        if self._previewNode is not None:
+            slicer.mrmlScene.RemoveNode(self._previewNode)
+            self._previewNode = None
+        if self._roi is not None and not keepBox:
+            slicer.mrmlScene.RemoveNode(self._roi)
+            self._roi = None
+        if hasattr(self, "applyButton"):
+            self.applyButton.enabled = self.cancelButton.enabled = False

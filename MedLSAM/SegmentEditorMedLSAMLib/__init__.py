@@ -1,0 +1,1 @@
+"""The MedLSAM Segment Editor effect (registered by the MedLSAM module at startup)."""
