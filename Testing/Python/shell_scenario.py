@@ -1,0 +1,71 @@
+"""Run by test_slicer_shell.py in its own process: imports the Slicer shell files (MedLSAM.py and the
+Segment Editor effect) against strict fakes + real slicer-core MRML, exercises what runs without Qt
+widgets, and prints what it observed as JSON."""
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(REPO / "MedLSAM"), str(HERE)]
+
+import slicer  # noqa: E402  (real slicer-core)
+
+import slicer_shell_fakes as fakes  # noqa: E402
+
+manifest = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+members = manifest["segment_editor_effect"]["scriptedEffect_callable_members"]["qSlicerSegmentEditorScriptedEffect"]
+scene = slicer.vtkMRMLScene()
+slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+recorders = fakes.install(scene, [m for m in members if m != "note"])
+out = {}
+
+import MedLSAM  # noqa: E402  (the shell module, file scope runs here)
+
+parent = fakes.ModuleParent()
+MedLSAM.MedLSAM(parent)
+out["parent"] = {k: parent._values[k] for k in ("title", "categories", "dependencies", "contributors")}
+out["startup_connections"] = [(sig, slot.__name__) for sig, slot in recorders["app"].connections]
+
+MedLSAM.registerEditorEffect()
+adaptor = recorders["factory"][0]
+effect = adaptor.self()
+effect.setMRMLDefaults()
+out["effect"] = {"name": adaptor.name, "perSegment": adaptor.perSegment, "requireSegments": adaptor.requireSegments,
+                 "help_mentions_apply": "Apply" in effect.helpText(), "defaults": adaptor.defaults,
+                 "icon_exists": Path(effect.icon().path).is_file(), "clone_source": Path(effect.clone().source).name}
+try:
+    adaptor.sourceVolumeImageDatas  # a typo of a real member
+except AttributeError as exc:
+    out["effect"]["strict"] = str(exc)
+
+logic = MedLSAM.MedLSAMLogic()
+p = logic.getParameterNode()
+out["defaults"] = {"mode": p.mode, "segmenter": p.segmenter, "device": p.device}
+p.mode = "wpl"
+out["mode_persisted"] = logic.getParameterNode().mode
+try:
+    p.mode = "xyz"
+except ValueError as exc:
+    out["bad_mode"] = str(exc)
+volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "template ct")
+p.templateVolume = volume
+out["template_volumes"] = [n.GetName() for n in logic.templateVolumeNodes()]
+
+node = logic.addStructure("Brainstem", 1)
+logic.addStructure("Mandible", 7)
+out["structures"] = [n.GetName() for n in logic.structureNodes()]
+out["progress"] = logic.placementStatus(node).progress
+out["next_point"] = logic.placementStatus(node).next_point
+for bad in (("Brainstem", 2), ("", 3)):
+    try:
+        logic.addStructure(*bad)
+    except ValueError as exc:
+        out.setdefault("add_errors", []).append(str(exc))
+try:
+    logic.startCohort([], ["t"])
+except ValueError as exc:
+    out["empty_cohort"] = str(exc)
+out["requirements"] = logic.requirements()
+out["missing"] = logic.missingPackages()
+print("RESULT " + json.dumps(out))

@@ -1,0 +1,69 @@
+"""Import and exercise the Slicer shell (MedLSAM.py, the Segment Editor effect) against strict fakes
+and real slicer-core MRML, in a separate process. Static/fake-based: not a Slicer self-test."""
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED
+
+pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+MANIFEST = SHARED / "slicer-api" / "slicer-api.json"
+
+
+@pytest.fixture(scope="module")
+def shell():
+    if not MANIFEST.is_file():
+        pytest.skip(f"Slicer API manifest not found at {MANIFEST}")
+    run = subprocess.run([sys.executable, str(REPO / "Testing" / "Python" / "shell_scenario.py"), str(MANIFEST)],
+                         capture_output=True, text=True, timeout=300)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert run.returncode == 0 and line, run.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_module_metadata_and_effect_registration(shell):
+    assert shell["parent"]["title"] == "MedLSAM" and shell["parent"]["categories"] == ["Segmentation"]
+    assert "Segmentations" in shell["parent"]["dependencies"]
+    assert shell["startup_connections"] == [["startupCompleted()", "registerEditorEffect"]]
+    e = shell["effect"]
+    assert (e["name"], e["perSegment"], e["requireSegments"]) == ("MedLSAM", False, True)
+    assert e["defaults"] == {"TemplateFolder": ""} and e["help_mentions_apply"] and e["icon_exists"]
+    assert e["clone_source"] == "SegmentEditorEffect.py"
+    assert e["strict"].startswith("not faked: scriptedEffect.sourceVolumeImageDatas")  # typos fail loudly
+
+
+def test_logic_parameters_and_template_structures(shell):
+    assert shell["defaults"] == {"mode": "spl", "segmenter": "litemedsam", "device": "auto"}
+    assert shell["mode_persisted"] == "wpl" and "not one of" in shell["bad_mode"]
+    assert shell["template_volumes"] == ["template ct"]
+    assert shell["structures"] == ["Brainstem", "Mandible"]
+    assert (shell["progress"], shell["next_point"]) == ("0/6 placed", "superior")
+    assert shell["add_errors"] == ["There is already a structure named Brainstem.", "Type a structure name first."]
+    assert shell["empty_cohort"] == "No target volume."
+    assert "segment-anything>=1.0" in shell["requirements"] and shell["missing"] == []
+
+
+def test_fake_surfaces_are_real_slicer_names():
+    """Contract: every name the fakes offer exists in Slicer (manifest), so a green run means something."""
+    if not MANIFEST.is_file():
+        pytest.skip(f"Slicer API manifest not found at {MANIFEST}")
+    api = json.loads(MANIFEST.read_text(encoding="utf-8"))
+    sys.path.insert(0, str(REPO / "Testing" / "Python"))
+    import slicer_shell_fakes as fakes
+
+    writable = {n for n, i in api["scripted_loadable_module"]["module_parent_attribute_check"]["attributes"].items()
+                if i["writable"]}
+    assert set(fakes.MODULE_PARENT_ATTRIBUTES) <= writable
+    exported = set(api["parameter_node_wrapper"]["package_exports"])
+    assert {"parameterNodeWrapper", "Choice"} <= exported
+    members = api["segment_editor_effect"]["scriptedEffect_callable_members"]["qSlicerSegmentEditorScriptedEffect"]
+    assert {"setParameterDefault", "parameter", "setParameter", "setPythonSource", "self", "name", "perSegment",
+            "requireSegments"} <= set(members)
+    slm = api["scripted_loadable_module"]
+    source = (REPO / "Testing" / "Python" / "slicer_shell_fakes.py").read_text(encoding="utf-8")
+    faked_classes = {n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+    assert {"ScriptedLoadableModule", "ScriptedLoadableModuleLogic"} <= faked_classes
+    assert "getParameterNode" in json.dumps(slm)
