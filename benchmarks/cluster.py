@@ -1,0 +1,91 @@
+"""Cases per hour: the local executor vs a Dask LocalCluster on the same machine.
+
+Same cases (held-out head-and-neck CTs), same 5 templates, LiteMedSAM, CPU. The local executor
+uses every core in one process; the cluster runs N worker processes with cores/N threads each.
+Wall times include loading models and computing template support features (per batch for the
+local executor; once on the client plus once per worker for the cluster). Per-case stage
+times come from the cases' JSON records and feed the estimate for N workers.
+
+    python benchmarks/cluster.py --shared ../shared --cases 4 --workers 2 --out docs/bench/cluster
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask
+from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.pipeline import run_cohort
+from MedLSAMLib.templates import template_from_labels
+
+CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
+
+
+def stage_times(out_dir: Path, cases) -> dict:
+    rows = [json.loads((out_dir / f"{c}.json").read_text())["timing_s"] for c in cases]
+    return {k: float(np.mean([r.get(k, 0.0) for r in rows])) for k in ("localize", "encode", "decode", "postprocess", "total")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default="../shared")
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="docs/bench/cluster")
+    args = ap.parse_args()
+    set_cpu_threads()
+    hn = Path(args.shared) / "data" / "openkbp_hn"
+    splits = json.loads((hn / "splits.json").read_text())
+    work = Path(tempfile.mkdtemp(prefix="medlsam-clusterbench-"))
+    tdirs = []
+    for case in splits["support_candidates_core5"][:5]:
+        d = work / "templates" / Path(case).name
+        template_from_labels(hn / f"{case}_ct.nii.gz", hn / f"{case}_label.nii.gz", CORE5, d)
+        tdirs.append(str(d))
+    images = [hn / f"{c}_ct.nii.gz" for c in splits["dev_eval_core5"][: args.cases]]
+    names = [p.name[: -len(".nii.gz")] for p in images]
+    recipe = CohortRecipe(tuple(tdirs), "wpl", device="cpu")
+
+    t0 = time.perf_counter()
+    cohort = recipe.build()
+    setup_local = time.perf_counter() - t0
+    local = run_cohort(cohort, images, work / "local", show_progress=False)
+    wall_local = time.perf_counter() - t0
+    assert local["counts"]["ok"] == len(images), local["counts"]
+    del cohort
+
+    t0 = time.perf_counter()
+    dask_summary = run_cohort_dask(recipe, images, work / "dask", workers=args.workers, show_progress=False)
+    wall_dask = time.perf_counter() - t0
+    assert dask_summary["counts"]["ok"] == len(images), dask_summary["counts"]
+
+    cores = len(os.sched_getaffinity(0))
+    st_local, st_dask = stage_times(work / "local", names), stage_times(work / "dask", names)
+    result = {"cases": len(images), "cores": cores, "workers": args.workers,
+              "local": {"wall_s": wall_local, "setup_s": setup_local, "stages_s": st_local,
+                        "cases_per_hour": 3600 * len(images) / wall_local},
+              "dask": {"wall_s": wall_dask, "stages_s": st_dask, "cases_per_hour": 3600 * len(images) / wall_dask}}
+    lines = [f"| executor | wall (s) for {len(images)} cases | cases per hour | mean per-case seconds: localize / encode / decode / total |",
+             "|---|---|---|---|"]
+    for key, label in (("local", f"local (1 process, {cores} threads)"),
+                       ("dask", f"Dask LocalCluster ({args.workers} workers x {max(1, cores // args.workers)} thread)")):
+        r = result[key]
+        s = r["stages_s"]
+        lines.append(f"| {label} | {r['wall_s']:.0f} | {r['cases_per_hour']:.1f} | "
+                     f"{s['localize']:.1f} / {s['encode']:.1f} / {s['decode']:.1f} / {s['total']:.1f} |")
+    lines += ["", f"Local model loading + support features for 5 templates: {setup_local:.1f} s."]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
