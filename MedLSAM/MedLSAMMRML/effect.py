@@ -83,11 +83,11 @@ def box_roi_for_structure(core, template_dirs, volume_node, structure: str, devi
 def axial_slice_at(volume_node, ras) -> int:
     """Index along the volume's axial voxel axis of a world RAS point (e.g. the Red view's centre)."""
     ijk = (np.linalg.inv(ijk_to_world_ras(volume_node)) @ np.append(np.asarray(ras, float), 1.0))[:3]
-    volume_geometry_axial = _axial_axis(volume_node)
-    return int(round(ijk[volume_geometry_axial]))
+    return int(round(ijk[axial_axis(volume_node)]))
 
 
-def _axial_axis(volume_node) -> int:
+def axial_axis(volume_node) -> int:
+    """The voxel axis closest to head-foot (slices are taken across it)."""
     from .nodes import geometry_from_ijk_to_ras
 
     return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions()).axial_axis

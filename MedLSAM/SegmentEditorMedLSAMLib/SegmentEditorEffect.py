@@ -155,7 +155,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from MedLSAMMRML import effect
 
         lo, hi = effect.ijk_box_from_roi(self._roi, volumeNode)
-        axis = effect._axial_axis(volumeNode)
+        axis = effect.axial_axis(volumeNode)
         return lo[axis], hi[axis]
 
     def onSegmentSlice(self):
