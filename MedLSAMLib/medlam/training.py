@@ -191,7 +191,7 @@ def uam_loss(latent_a: torch.Tensor, latent_b: torch.Tensor, offset_mm: torch.Te
 def mss_loss(ori_feats, aug_feats, ori_img, ori_pos, aug_pos, scales, points: int, gen: torch.Generator,
              temperature: float = 15.0, pos_mm: float = SPACING, neg_mm: float = 2 * SPACING) -> torch.Tensor:
     """Multi-scale contrastive similarity between original and augmented views of one place."""
-    n, p = ori_img.shape[0], ori_img.shape[-1]
+    p = ori_img.shape[-1]
     # Points inside the body of each original patch (fall back to anywhere if a patch is air).
     body = (ori_img[:, 0] >= BODY_THRESHOLD).flatten(1).float() + 1e-6
     flat_idx = torch.multinomial(body.cpu(), points, replacement=True, generator=gen).to(ori_img.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from MedLSAMLib.io import Volume
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MEDLSAM_SHARED", REPO.parent / "shared"))
+sys.path.insert(0, str(REPO / "MedLSAM"))  # the Slicer module's MRML layer (MedLSAMMRML) for the slicer-core tests
 HN = SHARED / "data" / "openkbp_hn"
 SCHEMA = SHARED / "schemas" / "markups-schema-v1.0.3.json"
 CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
@@ -68,3 +70,12 @@ def phantom(geometry: Geometry, centre_lps, radius_mm: float, inside=300.0, outs
     lps = geometry.ijk_to_lps(ijk)
     d = np.linalg.norm(lps - np.asarray(centre_lps), axis=1).reshape(geometry.shape_kji)
     return Volume(np.where(d <= radius_mm, inside, outside).astype(np.float32), geometry, "phantom")
+
+
+@pytest.fixture
+def scene():
+    """A real MRML scene (slicer-core) with the Segmentations logic registered, as the application has it."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    return scene

@@ -12,8 +12,8 @@ from MedLSAMLib.geometry import POINT_NAMES, Geometry, box_lps_to_ijk, point_axi
 from MedLSAMLib.io import Volume, read_ct
 from MedLSAMLib.localize import TemplateLocalizer
 from MedLSAMLib.medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam
-from MedLSAMLib.medlam.search import Localizer, prepare
-from MedLSAMLib.templates import load_template, template_from_labels
+from MedLSAMLib.medlam.search import Localizer
+from MedLSAMLib.templates import template_from_labels
 
 from conftest import hn_case
 

@@ -1,31 +1,22 @@
 """The Segment Editor effect's MRML-level work (ROI box, per-slice segmentation preview, write into a
 segment), on Slicer's real MRML libraries (slicer-core 5.13-dev, outside the application)."""
-import sys
 
 import numpy as np
 import pytest
 
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import Geometry
-from MedLSAMLib.io import Volume, read_ct
+from MedLSAMLib.io import read_ct
 from MedLSAMLib.templates import template_from_labels
 
-from conftest import OBLIQUE, REPO, hn_case, phantom
+from conftest import OBLIQUE, hn_case, phantom
 from test_segmentation import ThresholdSegmenter
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 import vtk  # noqa: E402
 
-sys.path.insert(0, str(REPO / "MedLSAM"))
 from MedLSAMMRML import effect, nodes  # noqa: E402
 from MedLSAMMRML.logic import MedLSAMCore  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    return scene
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The Slicer module's MRML layer and headless logic on Slicer's real MRML libraries (slicer-core 5.13-dev,
 outside the application). Not a Slicer self-test: those run only inside Slicer."""
-import sys
 import threading
 
 import numpy as np
@@ -11,22 +10,14 @@ from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
 from MedLSAMLib.templates import template_from_labels
 
-from conftest import OBLIQUE, REPO, hn_case, phantom
+from conftest import OBLIQUE, hn_case, phantom
 from test_segmentation import ThresholdSegmenter
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 import vtk  # noqa: E402
 
-sys.path.insert(0, str(REPO / "MedLSAM"))
 from MedLSAMMRML import nodes  # noqa: E402
 from MedLSAMMRML.logic import MedLSAMCore  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    return scene
 
 
 def test_volume_node_round_trip_with_oblique_grid_under_parent_transform(scene):

@@ -1,6 +1,5 @@
 """Template building in the Slicer module (guided placement, points from a segment, template sets),
 on Slicer's real MRML libraries (slicer-core 5.13-dev, outside the application)."""
-import sys
 
 import numpy as np
 import pytest
@@ -10,19 +9,11 @@ from MedLSAMLib.geometry import POINT_NAMES, Geometry, lps_to_ras
 from MedLSAMLib.io import Volume, read_ct, read_labels
 from MedLSAMLib.templates import extreme_points_from_mask, load_template
 
-from conftest import OBLIQUE, REPO, hn_case
+from conftest import OBLIQUE, hn_case
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 
-sys.path.insert(0, str(REPO / "MedLSAM"))
 from MedLSAMMRML import nodes, placement  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    return scene
 
 
 def _click(node, index, lps):
