@@ -69,15 +69,54 @@ def ijk_box_from_roi(roi_node, volume_node) -> list[list[int]]:
     return [lo.tolist(), hi.tolist()]
 
 
-def box_roi_for_structure(core, template_dirs, volume_node, structure: str, device: str = "auto"):
-    """Localize ``structure`` with the templates; (ROI node, localization entry for it)."""
-    result = core.localize(template_dirs, volume_node, mode="wpl", device=device)
-    if structure not in result["structures"]:
+def structure_entry(localization: dict, structure: str) -> dict:
+    """The localization entry for ``structure``, or a one-line error naming what the templates have."""
+    if structure not in localization["structures"]:
         raise InputError(f"the templates have no structure {structure!r} "
-                         f"(they have {', '.join(result['structures'])})")
-    entry = result["structures"][structure]
-    roi = roi_from_ijk_box(core.scene, volume_node, entry["box_ijk"], f"{structure} box")
-    return roi, entry
+                         f"(they have {', '.join(localization['structures'])})")
+    return localization["structures"][structure]
+
+
+def box_roi_for_structure(core, template_dirs, volume_node, structure: str, device: str = "auto"):
+    """Localize ``structure`` with the templates; (ROI node, localization entry for it). Blocking:
+    the effect runs ``core.localizer(...).localize`` on a :class:`BackgroundJob` and then
+    :func:`roi_from_ijk_box` instead."""
+    entry = structure_entry(core.localize(template_dirs, volume_node, mode="wpl", device=device), structure)
+    return roi_from_ijk_box(core.scene, volume_node, entry["box_ijk"], f"{structure} box"), entry
+
+
+class BackgroundJob:
+    """``fn(report)`` on one worker thread; the main thread polls ``done()`` (from a QTimer in the
+    effect) and reads ``progress``. ``cancel()`` makes the next ``report(done, total)`` raise
+    :class:`~MedLSAMMRML.logic.Cancelled`. ``fn`` must not touch MRML or Qt."""
+
+    def __init__(self, fn):
+        from concurrent.futures import ThreadPoolExecutor
+        import threading
+
+        self.progress = (0, 0)
+        self.cancel_event = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MedLSAM-effect")
+        self._future = self._executor.submit(fn, self._report)
+
+    def _report(self, done: int, total: int) -> None:
+        from .logic import Cancelled
+
+        self.progress = (done, total)
+        if self.cancel_event.is_set():
+            raise Cancelled()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout=None):
+        try:
+            return self._future.result(timeout)
+        finally:
+            self._executor.shutdown(wait=False)
 
 
 def axial_slice_at(volume_node, ras) -> int:
@@ -93,11 +132,10 @@ def axial_axis(volume_node) -> int:
     return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions()).axial_axis
 
 
-def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW, progress=None):
-    """Segment the slices of ``box_ijk`` (all, or the axial ``slices`` range ``(first, last)``).
+def prepare_box(volume_node, box_ijk, slices=None, window=SAM_WINDOW):
+    """Main thread: copy the volume out of MRML and describe the block to segment.
 
-    Returns a uint8 ``vtkOrientedImageData`` (1 = inside) on the volume's grid whose extent is
-    the segmented block (the preview; see :func:`merged_with_segment` for Apply).
+    Returns ``(volume, request, lo, hi)``; ``slices`` = ``(first, last)`` along the axial axis.
     """
     volume = volume_from_node(volume_node)
     lo, hi = (np.array(b, int) for b in box_ijk)
@@ -108,9 +146,26 @@ def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW,
         if lo[axial] > hi[axial]:
             raise InputError(f"slices {first}-{last} are outside the box")
     request = StructureRequest("preview", PREVIEW_VALUE, [[lo.tolist(), hi.tolist()]], tuple(window))
+    return volume, request, lo, hi
+
+
+def run_box(volume, request, segmenter, progress=None) -> np.ndarray:
+    """Any thread (no MRML): the label map of the block (``[k, j, i]``, PREVIEW_VALUE inside)."""
     labels, _, _ = segment_volume(volume, [request], segmenter, SegmentOptions(resolve_overlaps=False), progress)
+    return labels
+
+
+def preview_image(labels, volume, lo, hi):
+    """Main thread: the block of ``labels`` as a uint8 ``vtkOrientedImageData`` on the volume's grid,
+    its extent the segmented block (the preview; see :func:`merged_with_segment` for Apply)."""
     block = labels[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] == PREVIEW_VALUE  # [k, j, i]
     return _oriented_block(block, volume.geometry, lo)
+
+
+def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW, progress=None):
+    """Blocking :func:`prepare_box` -> :func:`run_box` -> :func:`preview_image` (scripts, tests)."""
+    volume, request, lo, hi = prepare_box(volume_node, box_ijk, slices, window)
+    return preview_image(run_box(volume, request, segmenter, progress), volume, lo, hi)
 
 
 def _oriented_block(block: np.ndarray, geometry, lo) -> "slicer.vtkOrientedImageData":

@@ -1,8 +1,11 @@
 """Segment Editor effect "MedLSAM": template box -> SAM on each slice -> preview -> Apply (undoable).
 
 Qt wiring only; the work is in ``MedLSAMMRML.effect`` (tested on Slicer's real MRML libraries).
+Localization and segmentation run on a worker thread (``MedLSAMMRML.effect.BackgroundJob``) polled
+by a QTimer, so Slicer stays responsive; MRML is read before and written after, on the main thread.
 The preview lives in a separate segmentation node until Apply, which first calls
-``saveStateForUndo()`` so Ctrl+Z restores the segment; Cancel discards preview and box.
+``saveStateForUndo()`` so Ctrl+Z restores the segment; Cancel stops a running job, then discards
+preview and box.
 """
 import os
 
@@ -24,6 +27,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._roi = None
         self._preview = None  # vtkOrientedImageData of the last Segment slice / range
         self._previewNode = None
+        self._job = None  # the BackgroundJob running now, and what to do with its result
+        self._onJobDone = None
+        self._what = ""
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -86,12 +92,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
+        self.pollTimer = qt.QTimer()  # localization and segmentation run on a worker thread
+        self.pollTimer.setInterval(100)
+
         self.templateFolderEdit.connect("currentPathChanged(QString)", self.updateMRMLFromGUI)
         self.localizeButton.connect("clicked()", self.onLocalize)
         self.segmentSliceButton.connect("clicked()", self.onSegmentSlice)
         self.segmentRangeButton.connect("clicked()", self.onSegmentRange)
         self.applyButton.connect("clicked()", self.onApply)
         self.cancelButton.connect("clicked()", self.onCancel)
+        self.pollTimer.connect("timeout()", self.pollJob)
 
     def cleanup(self):
         # Qt signals hold references to this object (Slicer issue #7392): disconnect them
@@ -101,6 +111,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.segmentRangeButton.disconnect("clicked()", self.onSegmentRange)
         self.applyButton.disconnect("clicked()", self.onApply)
         self.cancelButton.disconnect("clicked()", self.onCancel)
+        self.pollTimer.disconnect("timeout()", self.pollJob)
+        self.pollTimer.stop()
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("TemplateFolder", "")
@@ -114,6 +126,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("TemplateFolder", self.templateFolderEdit.currentPath)
 
     def deactivate(self):
+        if self._job is not None:
+            self._job.cancel()
         self.discardPreview()
 
     # -- actions ------------------------------------------------------------------------------
@@ -134,22 +148,68 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             raise ValueError("Select a segmentation, its source volume and a segment first.")
         return segmentationNode, volumeNode, segmentId
 
-    def onLocalize(self):
+    def startJob(self, fn, onDone, what):
+        """Run ``fn(report)`` off the GUI thread; ``onDone(result)`` runs on the main thread."""
         from MedLSAMMRML import effect
+
+        if self._job is not None:
+            raise ValueError("MedLSAM is still working; wait or press Cancel.")
+        self._job, self._onJobDone = effect.BackgroundJob(fn), onDone
+        self._what = what
+        self.cancelButton.enabled = True
+        for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):
+            button.enabled = False
+        self.pollTimer.start()
+
+    def pollJob(self):
+        from MedLSAMMRML.logic import Cancelled
+
+        job = self._job
+        if job is None or not job.done():
+            done, total = job.progress if job is not None else (0, 0)
+            self.statusLabel.text = f"{self._what}..." + (f" slice {done}/{total}" if total else "")
+            return
+        self.pollTimer.stop()
+        self._job = None
+        for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):
+            button.enabled = True
+        try:
+            result = job.result()
+        except Cancelled:
+            self.statusLabel.text = "Cancelled."
+            self.cancelButton.enabled = self._preview is not None
+            return
+        with slicer.util.tryWithErrorDisplay(f"MedLSAM could not finish: {self._what}.", waitCursor=True):
+            self._onJobDone(result)
+
+    def onLocalize(self):
+        from MedLSAMLib.errors import InputError
+        from MedLSAMMRML import effect
+        from MedLSAMMRML.nodes import volume_from_node
 
         with slicer.util.tryWithErrorDisplay("MedLSAM could not localize the structure.", waitCursor=True):
             segmentationNode, volumeNode, segmentId = self._nodes()
             name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
             folder = self.scriptedEffect.parameter("TemplateFolder")
             if not folder:
-                raise ValueError("Choose the template folder.")
-            if self._roi is not None:
-                slicer.mrmlScene.RemoveNode(self._roi)
-            self._roi, entry = effect.box_roi_for_structure(self.core, [folder], volumeNode, name)
-            first, last = self._roiSliceRange(volumeNode)
-            self.firstSliceSpinBox.value, self.lastSliceSpinBox.value = first, last
-            note = "" if entry["present"] else " (the templates think it is absent: check the box)"
-            self.statusLabel.text = f"{name}: box proposed, confidence {entry['confidence']:.2f}{note}."
+                raise InputError("Choose the template folder.")
+            volume = volume_from_node(volumeNode)  # MRML read on the main thread
+            core = self.core
+
+            def localize(report):
+                return core.localizer([folder], "wpl", "auto").localize(volume)
+
+            def done(result):
+                entry = effect.structure_entry(result, name)
+                if self._roi is not None:
+                    slicer.mrmlScene.RemoveNode(self._roi)
+                self._roi = effect.roi_from_ijk_box(slicer.mrmlScene, volumeNode, entry["box_ijk"], f"{name} box")
+                first, last = self._roiSliceRange(volumeNode)
+                self.firstSliceSpinBox.value, self.lastSliceSpinBox.value = first, last
+                note = "" if entry["present"] else " (the templates think it is absent: check the box)"
+                self.statusLabel.text = f"{name}: box proposed, confidence {entry['confidence']:.2f}{note}."
+
+            self.startJob(localize, done, f"localizing {name}")
 
     def _roiSliceRange(self, volumeNode):
         from MedLSAMMRML import effect
@@ -179,12 +239,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._roi is None:
             raise ValueError("Press Localize first (or place a box).")
         box = effect.ijk_box_from_roi(self._roi, volumeNode)
+        volume, request, lo, hi = effect.prepare_box(volumeNode, box, slices=(first, last))  # main thread
         segmenter = self.core.segmenter(device="cuda" if self._cuda() else "cpu")
-        self._preview = effect.segment_box(volumeNode, box, segmenter, slices=(first, last))
-        self._showPreview(volumeNode)
-        voxels = effect.labelmap_voxel_count(self._preview)
-        self.statusLabel.text = f"Preview: {voxels} voxels on slices {first}-{last}. Apply or Cancel."
-        self.applyButton.enabled = self.cancelButton.enabled = True
+
+        def done(labels):
+            self._preview = effect.preview_image(labels, volume, lo, hi)
+            self._showPreview(volumeNode)
+            voxels = effect.labelmap_voxel_count(self._preview)
+            self.statusLabel.text = f"Preview: {voxels} voxels on slices {first}-{last}. Apply or Cancel."
+            self.applyButton.enabled = self.cancelButton.enabled = True
+
+        self.startJob(lambda report: effect.run_box(volume, request, segmenter, report), done,
+                      f"segmenting slices {first}-{last}")
 
     @staticmethod
     def _cuda():
@@ -216,6 +282,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.statusLabel.text = "Applied (Ctrl+Z undoes it)."
 
     def onCancel(self):
+        if self._job is not None:  # first Cancel stops the running job; the next one discards
+            self._job.cancel()
+            return
         self.discardPreview()
         self.statusLabel.text = "Discarded."
 

@@ -93,3 +93,43 @@ def test_localize_box_roi_for_a_template_structure(scene, tmp_path):
     assert np.all(np.abs(lo - want_lo) <= 1) and np.all(np.abs(hi - want_hi) <= 1)  # rounding at voxel faces
     with pytest.raises(InputError, match="no structure 'Liver'"):
         effect.box_roi_for_structure(core, [tmp_path / "tpl"], node, "Liver", device="cpu")
+
+
+def test_background_job_gives_the_same_preview_and_cancels(scene, oblique_volume):
+    import threading
+
+    from MedLSAMMRML.logic import Cancelled
+
+    box = [[10, 8, 4], [38, 32, 20]]
+    volume, request, lo, hi = effect.prepare_box(oblique_volume, box, slices=(6, 18))
+    threads = []
+
+    class Recording(ThresholdSegmenter):
+        def embed(self, slices):
+            threads.append(threading.current_thread())
+            return super().embed(slices)
+
+    job = effect.BackgroundJob(lambda report: effect.run_box(volume, request, Recording(), report))
+    while not job.done():
+        threading.Event().wait(0.01)  # what the QTimer does between polls
+    image = effect.preview_image(job.result(), volume, lo, hi)
+    sync = effect.segment_box(oblique_volume, box, ThresholdSegmenter(), slices=(6, 18))
+    from vtk.util import numpy_support
+
+    assert image.GetExtent() == sync.GetExtent()
+    assert np.array_equal(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()),
+                          numpy_support.vtk_to_numpy(sync.GetPointData().GetScalars()))
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert job.progress[0] == job.progress[1] > 0
+
+    gate = threading.Event()  # hold the job until Cancel is pressed, so the test has no race
+
+    def held(report):
+        gate.wait()
+        return effect.run_box(volume, request, ThresholdSegmenter(), report)
+
+    cancelled = effect.BackgroundJob(held)
+    cancelled.cancel()
+    gate.set()
+    with pytest.raises(Cancelled):
+        cancelled.result()
