@@ -190,16 +190,24 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStructureSelected(self):
         node = self.selectedStructureNode()
         if self._observedPoints is not None:
-            self.removeObserver(self._observedPoints, vtk.vtkCommand.ModifiedEvent, self.onPointsModified)
+            for event in self.pointEvents():
+                self.removeObserver(self._observedPoints, event, self.onPointsModified)
             self._observedPoints = None
         self.ui.pointsPlaceWidget.setCurrentNode(node)
         self.ui.pointsPlaceWidget.enabled = node is not None
         self.ui.replacePointButton.enabled = node is not None
         if node is not None:
             self._observedPoints = node
-            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onPointsModified)
+            for event in self.pointEvents():
+                self.addObserver(node, event, self.onPointsModified)
             self.ui.pointsPlaceWidget.placeModeEnabled = self.logic.placementStatus(node).next_point is not None
         self.updatePlacementStatus()
+
+    @staticmethod
+    def pointEvents():
+        markups = slicer.vtkMRMLMarkupsNode
+        return (markups.PointPositionDefinedEvent, markups.PointPositionUndefinedEvent, markups.PointModifiedEvent,
+                vtk.vtkCommand.ModifiedEvent)
 
     def onPointsModified(self, caller, event):
         self.updatePlacementStatus()
