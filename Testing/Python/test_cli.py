@@ -56,3 +56,21 @@ def test_template_from_labels_then_check(tmp_path):
                  "--structure", "1:Brainstem", "--structure", "7:Mandible", "--out", str(out)]) == 0
     r = run_cli("template", "check", str(out))
     assert r.returncode == 0 and "Mandible" in r.stdout and r.stdout.strip().endswith("ok")
+
+
+def test_cluster_options_need_the_dask_executor(tmp_path, capsys):
+    ct, _ = hn_case("validation-pats/pt_201")
+    code = main(["segment", "--template", str(tmp_path), "--image", str(ct), "--out", str(tmp_path / "o"),
+                 "--workers", "2"])
+    assert code == 2 and "--scheduler and --workers are for --executor dask" in capsys.readouterr().err
+
+
+def test_dask_executor_without_dask_installed_is_a_one_line_error(monkeypatch):
+    import importlib
+
+    from MedLSAMLib.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask.distributed were not installed
+    monkeypatch.delitem(sys.modules, "MedLSAMLib.cluster", raising=False)
+    with pytest.raises(InputError, match=r"pip install 'medlsam\[distributed\]'"):
+        importlib.import_module("MedLSAMLib.cluster")
