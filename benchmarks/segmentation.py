@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--speed-slices", type=int, default=0,
                     help="time the cache comparison on the first N slices of each box only (0 = all)")
     ap.add_argument("--out", default="docs/bench/segmentation")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an interrupted run (OUT.partial.json) and do only the cases it lacks")
     args = ap.parse_args()
     set_cpu_threads()
     hn = Path(args.shared) / "data" / "openkbp_hn"
@@ -86,8 +88,12 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")  # rows so far, so a long run that dies can be read
-    rows = []
+    rows = json.loads(partial.read_text()) if args.resume and partial.is_file() else []
+    rows = [r for r in rows if r["case"] in splits["dev_eval_core5"][: args.limit]]
+    done = {r["case"] for r in rows}
     for n, case in enumerate(splits["dev_eval_core5"][: args.limit], 1):
+        if case in done:
+            continue
         ct = read_ct(hn / f"{case}_ct.nii.gz")
         labels = read_labels(hn / f"{case}_label.nii.gz")
         sp = labels.geometry.spacing[::-1]
