@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from MedLSAMLib.geometry import Geometry
-from MedLSAMLib.io import read_ct
+from MedLSAMLib.io import read_ct, read_labels, write_segmentation, write_volume
 from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.preprocess import resample
 from MedLSAMLib.segment.backends import load_segmenter
-from MedLSAMLib.templates import template_from_labels
+from MedLSAMLib.templates import Structure, default_color, template_from_labels
 
 CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
 
@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--case", default="validation-pats/pt_201")
     ap.add_argument("--structures", nargs="+", default=[n for _, n in CORE5])
     ap.add_argument("--size", type=int, nargs=3, default=[512, 512, 600])
+    ap.add_argument("--write-only", action="store_true",
+                    help="measure only the output stage (.seg.nrrd + label map) with the case's reference labels")
     args = ap.parse_args()
     set_cpu_threads()
     hn = Path(args.shared) / "data" / "openkbp_hn"
@@ -52,14 +54,24 @@ def main():
     big.array = big.array.astype(np.float32)
     print(f"CT {big.geometry.size}, spacing {np.round(big.geometry.spacing, 3).tolist()}, "
           f"{big.array.nbytes / 2**20:.0f} MB as float32; RSS so far {rss_mb():.0f} MB", flush=True)
-    loc = TemplateLocalizer([work / "t"], mode="wpl", device="cpu")
-    cohort = CohortSegmenter(loc, load_segmenter("litemedsam", device="cpu"))
-    t0 = time.perf_counter()
-    labels, record = cohort.segment_volume(big)
-    seconds = time.perf_counter() - t0
-    print(f"structures {args.structures}: {record['timing_s']['slices']} slice(s) segmented in {seconds:.0f} s; "
-          f"peak RSS {rss_mb():.0f} MB")
-
+    if args.write_only:
+        labels = resample(read_labels(hn / f"{args.case}_label.nii.gz"), big_geom, linear=False, default=0).array
+        structures = [Structure(n, v, np.array([[0.0, 0, 0]] * 6), default_color(v)) for v, n in wanted]
+        t0 = time.perf_counter()
+    else:
+        loc = TemplateLocalizer([work / "t"], mode="wpl", device="cpu")
+        cohort = CohortSegmenter(loc, load_segmenter("litemedsam", device="cpu"))
+        structures = list(cohort.structures.values())
+        t0 = time.perf_counter()
+        labels, record = cohort.segment_volume(big)
+        print(f"structures {args.structures}: {record['timing_s']['slices']} slice(s) segmented in "
+              f"{time.perf_counter() - t0:.0f} s; peak RSS {rss_mb():.0f} MB", flush=True)
+    # the output stage of `medlsam segment` (pipeline.CohortSegmenter.segment_case)
+    label_volume = big.with_array(labels.astype(np.uint8))
+    write_volume(label_volume, work / "case_labels.nii.gz")
+    write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color} for s in structures],
+                       work / "case.seg.nrrd")
+    print(f"outputs written ({time.perf_counter() - t0:.0f} s so far); peak RSS {rss_mb():.0f} MB")
 
 if __name__ == "__main__":
     main()
