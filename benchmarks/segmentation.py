@@ -136,7 +136,7 @@ def main():
               "", "| segmentation of one case | seconds | slices | seconds per slice |", "|---|---|---|---|",
               f"| embedding cached per slice | {c['seconds']:.1f} | {c['slices']} | {c['seconds'] / max(c['slices'], 1):.2f} |",
               f"| one encoder pass per structure (reference) | {nc['seconds']:.1f} | {nc['slices']} | {nc['seconds'] / max(nc['slices'], 1):.2f} |",
-              "", f"Peak RSS of the whole benchmark process: {peak_rss_mb:.0f} MB."]
+              "", f"Peak RSS of this process: {peak_rss_mb:.0f} MB" + (" (a --resume run)." if args.resume else ".")]
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "speed": speed, "peak_rss_mb": peak_rss_mb}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     partial.unlink(missing_ok=True)
