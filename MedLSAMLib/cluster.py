@@ -12,7 +12,6 @@ Needs ``pip install medlsam[distributed]`` (``dask.distributed``); the core inst
 """
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
     raise InputError("--executor dask needs dask.distributed: pip install 'medlsam[distributed]'") from exc
 
 from .io import case_name
-from .localize import TemplateLocalizer
+from .localize import TemplateLocalizer, usable_cores
 from .pipeline import CaseResult, CohortSegmenter, is_complete, segment_one, write_summary
 from .segment.backends import load_segmenter
 from .segment.slices import SegmentOptions
@@ -121,8 +120,7 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
                 client = own_client = distributed.Client(scheduler)
             else:
                 n = max(1, workers or 1)
-                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-                own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n),
+                own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, usable_cores() // n),
                                                        processes=True, dashboard_address=None)
                 client = own_client = distributed.Client(own_cluster)
         try:

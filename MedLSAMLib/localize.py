@@ -70,9 +70,13 @@ class TemplateLocalizer:
         }
 
 
-def set_cpu_threads() -> None:
-    """Use every core for torch on CPU (torch defaults can be lower inside containers)."""
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware: containers and batch jobs often get fewer)."""
     import os
 
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def set_cpu_threads() -> None:
+    """Use every usable core for torch on CPU (torch defaults can be lower inside containers)."""
+    torch.set_num_threads(usable_cores())

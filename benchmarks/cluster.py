@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask
-from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.localize import set_cpu_threads, usable_cores
 from MedLSAMLib.pipeline import run_cohort
 from MedLSAMLib.templates import template_from_labels
 
@@ -65,7 +64,7 @@ def main():
     wall_dask = time.perf_counter() - t0
     assert dask_summary["counts"]["ok"] == len(images), dask_summary["counts"]
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     st_local, st_dask = stage_times(work / "local", names), stage_times(work / "dask", names)
     result = {"cases": len(images), "cores": cores, "workers": args.workers,
               "local": {"wall_s": wall_local, "setup_s": setup_local, "stages_s": st_local,
