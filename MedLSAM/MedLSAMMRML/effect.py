@@ -1,11 +1,14 @@
 """What the MedLSAM Segment Editor effect does, on MRML nodes only (the effect file wires Qt to it).
 
-1. :func:`box_roi_for_structure` - localize one template structure in the volume and show the
-   box as a markups ROI aligned with the volume's voxel axes, which the user can drag.
+1. Localize one template structure (:func:`structure_entry`) and show its box as a markups ROI
+   aligned with the volume's voxel axes (:func:`roi_from_ijk_box`), which the user can drag.
 2. :func:`ijk_box_from_roi` - read the (possibly edited) ROI back as a voxel box.
-3. :func:`segment_box` - SAM-style segmentation of a range of slices inside that box, returned as
-   a ``vtkOrientedImageData`` labelmap on the volume's grid: the preview, and what Apply writes
-   into the selected segment (after ``saveStateForUndo``).
+3. :func:`prepare_box` (main thread) -> :func:`run_box` (a :class:`BackgroundJob`) ->
+   :func:`preview_image` (main thread): SAM-style segmentation of a range of slices inside that
+   box, as a ``vtkOrientedImageData`` preview on the volume's grid; :func:`segment_box` chains the
+   three for scripts.
+4. :func:`merged_with_segment` - the selected segment with the preview's block replaced: what
+   Apply writes (after ``saveStateForUndo``).
 
 slicer + vtk only (no Qt), so slicer-core runs all of it in tests.
 """
@@ -19,7 +22,7 @@ from MedLSAMLib.errors import InputError
 from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
-from .nodes import ijk_to_world_ras, volume_from_node
+from .nodes import ijk_to_world_ras, node_geometry, volume_from_node
 
 PREVIEW_VALUE = 1
 
@@ -127,9 +130,7 @@ def axial_slice_at(volume_node, ras) -> int:
 
 def axial_axis(volume_node) -> int:
     """The voxel axis closest to head-foot (slices are taken across it)."""
-    from .nodes import geometry_from_ijk_to_ras
-
-    return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions()).axial_axis
+    return node_geometry(volume_node).axial_axis
 
 
 def prepare_box(volume_node, box_ijk, slices=None, window=SAM_WINDOW):

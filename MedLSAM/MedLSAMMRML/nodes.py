@@ -43,6 +43,11 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size) -> Geometry:
     return Geometry(lps[:3, 3], spacing, lps[:3, :3] / spacing, tuple(int(s) for s in size))
 
 
+def node_geometry(volume_node) -> Geometry:
+    """The node's world geometry (LPS, parent transform applied) without copying its voxels."""
+    return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions())
+
+
 def volume_from_node(volume_node) -> Volume:
     """A copy of a scalar volume node as a MedLSAMLib Volume (world geometry, LPS)."""
     image = volume_node.GetImageData() if volume_node is not None else None

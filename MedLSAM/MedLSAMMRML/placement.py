@@ -23,7 +23,7 @@ from MedLSAMLib.io import write_volume
 from MedLSAMLib.templates import (Structure, Template, check_structure_name, default_color, extreme_points_from_mask,
                                   load_template, save_template)
 
-from .nodes import add_volume_node, geometry_from_ijk_to_ras, set_markups_points, volume_from_node
+from .nodes import add_volume_node, geometry_from_ijk_to_ras, node_geometry, set_markups_points, volume_from_node
 
 STRUCTURE_ATTRIBUTE = "MedLSAM.Structure"  # node attribute: which structure a point list belongs to
 LABEL_ATTRIBUTE = "MedLSAM.Label"
@@ -83,18 +83,11 @@ def placement_status(node, volume_node=None) -> PlacementStatus:
     placed = [n for n in POINT_NAMES if n in points]
     problems = extreme_point_problems(points)
     if volume_node is not None and points:
-        geometry = volume_from_node_geometry(volume_node)
+        geometry = node_geometry(volume_node)
         for name, p in points.items():
             if not geometry.contains_lps(np.asarray(p)[None], tolerance=0.5)[0]:
                 problems.append(f"{name} point lies outside {volume_node.GetName()}")
     return PlacementStatus(placed, undefined[0] if undefined else None, problems)
-
-
-def volume_from_node_geometry(volume_node):
-    """The node's world geometry without copying its voxels."""
-    from .nodes import ijk_to_world_ras
-
-    return geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), volume_node.GetImageData().GetDimensions())
 
 
 def replace_point(node, name: str) -> None:
