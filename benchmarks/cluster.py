@@ -21,9 +21,9 @@ import numpy as np
 from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask
 from MedLSAMLib.localize import set_cpu_threads, usable_cores
 from MedLSAMLib.pipeline import run_cohort
-from MedLSAMLib.templates import template_from_labels
 
-CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
+from hn_templates import support_templates  # benchmarks/ is on sys.path when run as a script
+
 
 
 def stage_times(out_dir: Path, cases) -> dict:
@@ -42,11 +42,7 @@ def main():
     hn = Path(args.shared) / "data" / "openkbp_hn"
     splits = json.loads((hn / "splits.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="medlsam-clusterbench-"))
-    tdirs = []
-    for case in splits["support_candidates_core5"][:5]:
-        d = work / "templates" / Path(case).name
-        template_from_labels(hn / f"{case}_ct.nii.gz", hn / f"{case}_label.nii.gz", CORE5, d)
-        tdirs.append(str(d))
+    tdirs = [str(d) for d in support_templates(hn, splits, work / "templates")]
     images = [hn / f"{c}_ct.nii.gz" for c in splits["dev_eval_core5"][: args.cases]]
     names = [p.name[: -len(".nii.gz")] for p in images]
     recipe = CohortRecipe(tuple(tdirs), "wpl", device="cpu")

@@ -26,9 +26,9 @@ from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
-from MedLSAMLib.templates import template_from_labels
 
-CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
+from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+
 PAPER_DSC = {"Brainstem": 73.3, "SpinalCord": 34.7, "RightParotid": 57.1, "LeftParotid": 59.6, "Mandible": 66.0}
 
 
@@ -76,11 +76,7 @@ def main():
     hn = Path(args.shared) / "data" / "openkbp_hn"
     splits = json.loads((hn / "splits.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="medlsam-segbench-"))
-    tdirs = []
-    for case in splits["support_candidates_core5"][:5]:
-        d = work / Path(case).name
-        template_from_labels(hn / f"{case}_ct.nii.gz", hn / f"{case}_label.nii.gz", CORE5, d)
-        tdirs.append(d)
+    tdirs = support_templates(hn, splits, work)
     loc = TemplateLocalizer(tdirs, mode=args.mode, device="cpu")
     seg = load_segmenter("litemedsam", device="cpu")
     cohort = CohortSegmenter(loc, seg)

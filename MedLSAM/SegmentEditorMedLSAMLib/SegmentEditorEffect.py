@@ -95,23 +95,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.pollTimer = qt.QTimer()  # localization and segmentation run on a worker thread
         self.pollTimer.setInterval(100)
 
-        self.templateFolderEdit.connect("currentPathChanged(QString)", self.updateMRMLFromGUI)
-        self.localizeButton.connect("clicked()", self.onLocalize)
-        self.segmentSliceButton.connect("clicked()", self.onSegmentSlice)
-        self.segmentRangeButton.connect("clicked()", self.onSegmentRange)
-        self.applyButton.connect("clicked()", self.onApply)
-        self.cancelButton.connect("clicked()", self.onCancel)
-        self.pollTimer.connect("timeout()", self.pollJob)
+        for sender, signal, slot in self._connections():
+            sender.connect(signal, slot)
+
+    def _connections(self):
+        """(widget, signal, slot) of every Qt connection, so cleanup() undoes exactly these."""
+        return [(self.templateFolderEdit, "currentPathChanged(QString)", self.updateMRMLFromGUI),
+                (self.localizeButton, "clicked()", self.onLocalize),
+                (self.segmentSliceButton, "clicked()", self.onSegmentSlice),
+                (self.segmentRangeButton, "clicked()", self.onSegmentRange),
+                (self.applyButton, "clicked()", self.onApply),
+                (self.cancelButton, "clicked()", self.onCancel),
+                (self.pollTimer, "timeout()", self.pollJob)]
 
     def cleanup(self):
         # Qt signals hold references to this object (Slicer issue #7392): disconnect them
-        self.templateFolderEdit.disconnect("currentPathChanged(QString)", self.updateMRMLFromGUI)
-        self.localizeButton.disconnect("clicked()", self.onLocalize)
-        self.segmentSliceButton.disconnect("clicked()", self.onSegmentSlice)
-        self.segmentRangeButton.disconnect("clicked()", self.onSegmentRange)
-        self.applyButton.disconnect("clicked()", self.onApply)
-        self.cancelButton.disconnect("clicked()", self.onCancel)
-        self.pollTimer.disconnect("timeout()", self.pollJob)
+        for sender, signal, slot in self._connections():
+            sender.disconnect(signal, slot)
         self.pollTimer.stop()
 
     def setMRMLDefaults(self):
