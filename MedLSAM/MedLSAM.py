@@ -61,6 +61,7 @@ class MedLSAMParameterNode:
     templateVolume: vtkMRMLScalarVolumeNode
     templateFolder: pathlib.Path
     targetVolume: vtkMRMLScalarVolumeNode
+    localizer: Annotated[str, Choice(["auto", "hybrid", "medlam", "registration"])] = "auto"
     mode: Annotated[str, Choice(["spl", "wpl"])] = "spl"
     segmenter: Annotated[str, Choice(SEGMENTERS)] = "litemedsam"
     segmenterCheckpoint: pathlib.Path
@@ -323,7 +324,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.startCohort(
                 self.targetVolumes(), self.templateFolders(), mode=p.mode, device=p.device, segmenterName=p.segmenter,
                 checkpoint=str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None,
-                progressCallback=self.onProgress)
+                localizer=p.localizer, progressCallback=self.onProgress)
             self.ui.resultsTable.setRowCount(0)
             self.ui.applyButton.enabled = False
             self.ui.cancelButton.enabled = True
@@ -476,33 +477,33 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
         return ([node] if node is not None else []) + marked
 
     # -- segmentation ------------------------------------------------------------------------
-    def localize(self, templates, volumeNode, mode="wpl", device="auto"):
+    def localize(self, templates, volumeNode, mode="wpl", device="auto", localizer="auto"):
         """Boxes for every template structure in ``volumeNode`` (the boxes.json content)."""
-        return self.core.localize(templates, volumeNode, mode=mode, device=device)
+        return self.core.localize(templates, volumeNode, mode=mode, device=device, localizer=localizer)
 
     def segment(self, volumeNode, templates, segmentationNode=None, mode="spl", device="auto",
-                segmenterName="litemedsam", checkpoint=None):
+                segmenterName="litemedsam", checkpoint=None, localizer="auto"):
         """Localize and segment ``volumeNode``; returns (segmentation node, case record)."""
         return self.core.segment(volumeNode, templates, segmentationNode, mode=mode, device=device,
-                                 segmenter_name=segmenterName, checkpoint=checkpoint)
+                                 segmenter_name=segmenterName, checkpoint=checkpoint, localizer=localizer)
 
     def processCohort(self, volumeNodes, templates, mode="spl", device="auto", progressCallback=None,
-                      cancelEvent=None, segmenterName="litemedsam", checkpoint=None):
+                      cancelEvent=None, segmenterName="litemedsam", checkpoint=None, localizer="auto"):
         """Segment every volume into '<volume> MedLSAM' (blocking; scripts and self-tests).
         Failures are recorded per case; cancel keeps finished cases."""
         return self.core.process_cohort(volumeNodes, templates, mode=mode, device=device,
                                         progress_callback=progressCallback, cancel_event=cancelEvent,
-                                        segmenter_name=segmenterName, checkpoint=checkpoint)
+                                        segmenter_name=segmenterName, checkpoint=checkpoint, localizer=localizer)
 
     def startCohort(self, volumeNodes, templates, mode="spl", device="auto", segmenterName="litemedsam",
-                    checkpoint=None, progressCallback=None):
+                    checkpoint=None, progressCallback=None, localizer="auto"):
         """Non-blocking cohort run for the panel: call ``poll()`` from a timer until it returns False."""
         from MedLSAMMRML.logic import CohortRun
 
         if not volumeNodes:
             raise ValueError(_("No target volume."))
         return CohortRun(self.core, volumeNodes, templates, mode=mode, device=device, segmenter_name=segmenterName,
-                         checkpoint=checkpoint, progress_callback=progressCallback)
+                         checkpoint=checkpoint, localizer=localizer, progress_callback=progressCallback)
 
     # -- dependencies and model files ----------------------------------------------------------
     @staticmethod

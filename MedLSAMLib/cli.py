@@ -12,6 +12,7 @@ from . import __version__
 from .errors import USER_ERRORS, InputError
 
 EXIT_USER_ERROR = 2
+REVIEW_BELOW = 0.3  # confidence under which a structure is flagged for review
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,17 +102,41 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_localizer_options(p, default_mode: str) -> None:
+    """The localizer choice, shared by localize and segment (one definition, one set of names)."""
+    from .localizers import KINDS
+
+    p.add_argument("--localizer", choices=KINDS, default="auto",
+                   help="auto (default): the most accurate on our benchmark (hybrid), or medlam when "
+                   "--medlam-checkpoint is given; hybrid: template alignment, coarse to fine; medlam: the MedLAM "
+                   "network; registration: plain affine atlas (reference)")
+    p.add_argument("--mode", choices=["wpl", "spl"], default=default_mode,
+                   help="wpl: one box per structure; spl: one box per 6 mm sub-part (needs template label maps, "
+                   f"else wpl). Default {default_mode}")
+    p.add_argument("--medlam-checkpoint", help="MedLAM weights for --localizer medlam (default: the shipped "
+                   "head-and-neck checkpoint; the authors' medlam.pth works too)")
+    p.add_argument("--template-cache", metavar="DIR",
+                   help="where prepared templates are cached (default $MEDLSAM_CACHE or ~/.cache/medlsam; "
+                   "'none' to disable)")
+
+
+def _localizer_spec(args):
+    from .localizers import LocalizerSpec
+
+    cache = "" if args.template_cache is None else (None if args.template_cache == "none" else args.template_cache)
+    return LocalizerSpec(args.localizer, args.mode, args.medlam_checkpoint, args.device, cache)
+
+
 def _add_localize_command(sub) -> None:
     p = sub.add_parser("localize", help="find template structures in a CT (3D boxes)",
-                       description="Localize every template structure in QUERY with MedLAM and write boxes.json: "
-                       "per structure presence, confidence, box in voxel indices (inclusive, i fastest) and LPS mm.")
+                       description="Localize every template structure in QUERY and write boxes.json: per structure "
+                       "presence, confidence, box in voxel indices (inclusive, i fastest) and LPS mm, sub-part "
+                       "boxes and (hybrid) one box per axial slice.")
     p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
     p.add_argument("--image", required=True, help="query CT")
     p.add_argument("--out", required=True, help="output JSON file")
-    p.add_argument("--mode", choices=["wpl", "spl"], default="wpl",
-                   help="wpl: one box per structure (default); spl: one box per 6 mm sub-part (needs template label maps)")
-    p.add_argument("--checkpoint", help="MedLAM weights (default: the shipped head-and-neck checkpoint; "
-                   "the authors' medlam.pth works too)")
+    _add_localizer_options(p, "wpl")
+    p.add_argument("--checkpoint", dest="medlam_checkpoint", help=argparse.SUPPRESS)  # old name of --medlam-checkpoint
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_cmd_localize)
 
@@ -120,17 +145,18 @@ def _cmd_localize(args) -> int:
     import json
 
     from .io import write_text_atomic
-    from .localize import TemplateLocalizer, set_cpu_threads
+    from .localize import set_cpu_threads
 
     set_cpu_threads()
-    loc = TemplateLocalizer(args.template, mode=args.mode, checkpoint=args.checkpoint, device=args.device)
+    loc = _localizer_spec(args).build(args.template)
     result = loc.localize(args.image)
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"{'structure':<16} {'present':>7} {'conf':>5}  box_ijk")
     for name, r in result["structures"].items():
-        flag = "" if r["present"] and r["confidence"] >= 0.3 else "  <- review"
+        flag = "" if r["present"] and r["confidence"] >= REVIEW_BELOW else "  <- review"
         print(f"{name:<16} {str(r['present']):>7} {r['confidence']:5.2f}  {r['box_ijk']}{flag}")
-    print(f"wrote {args.out} ({result['timing_s']['total_query'] + loc.setup_s:.1f} s)")
+    print(f"wrote {args.out} ({loc.kind} localizer: {loc.setup_s:.1f} s templates, "
+          f"{result['timing_s']['total_query']:.1f} s query)")
     return 0
 
 
@@ -169,11 +195,10 @@ def _add_segment_command(sub) -> None:
     src.add_argument("--image", nargs="+", metavar="CT", help="CT file(s) or DICOM folder(s)")
     src.add_argument("--images-dir", help="folder of CTs")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mode", choices=["wpl", "spl"], default="spl",
-                   help="spl (default): a box per 6 mm sub-part (needs template label maps, else wpl); wpl: one box")
+    _add_localizer_options(p, "spl")
     p.add_argument("--segmenter", choices=["litemedsam", "sam-vit-b", "medsam-vit-b"], default="litemedsam")
-    p.add_argument("--checkpoint", help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b)")
-    p.add_argument("--medlam-checkpoint", help="MedLAM weights (default: shipped)")
+    p.add_argument("--segmenter-checkpoint", "--checkpoint", dest="checkpoint",
+                   help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b; --checkpoint is the old name)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
     p.add_argument("--executor", choices=["local", "dask"], default="local",
@@ -208,20 +233,17 @@ def _cmd_segment(args) -> int:
     if args.executor == "dask":
         from .cluster import CohortRecipe, run_cohort_dask
 
-        recipe = CohortRecipe(tuple(str(Path(t).resolve()) for t in args.template), args.mode,
-                              args.medlam_checkpoint, partial(load_segmenter, args.segmenter, args.checkpoint),
-                              args.device, options)
+        recipe = CohortRecipe(tuple(str(Path(t).resolve()) for t in args.template), _localizer_spec(args),
+                              partial(load_segmenter, args.segmenter, args.checkpoint), options)
         summary = run_cohort_dask(recipe, images, Path(args.out), resume=args.resume, scheduler=args.scheduler,
                                   workers=args.workers)
         from .templates import load_template
 
         names = list(load_template(args.template[0]).structures)
     else:
-        from .localize import TemplateLocalizer
         from .pipeline import CohortSegmenter
 
-        localizer = TemplateLocalizer(args.template, mode=args.mode, checkpoint=args.medlam_checkpoint,
-                                      device=args.device)
+        localizer = _localizer_spec(args).build(args.template)
         if localizer.device.type == "cpu":
             print("note: running on CPU", file=sys.stderr)
         segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device)
@@ -240,7 +262,7 @@ def _cmd_segment(args) -> int:
             print(f"    error: {c['error']}")
     counts = summary["counts"]
     print(f"\n{counts['ok']} segmented, {counts['skipped']} already complete, {counts['failed']} failed; "
-          f"outputs in {args.out} (confidence per structure above; review < 0.3)")
+          f"outputs in {args.out} (confidence per structure above; review < {REVIEW_BELOW})")
     return 1 if counts["failed"] else 0
 
 

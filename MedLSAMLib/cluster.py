@@ -27,7 +27,8 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
     raise InputError("--executor dask needs dask.distributed: pip install 'medlsam[distributed]'") from exc
 
 from .io import case_name
-from .localize import TemplateLocalizer, usable_cores
+from .localize import usable_cores
+from .localizers import LocalizerSpec
 from .pipeline import CaseResult, CohortSegmenter, is_complete, segment_one, write_summary
 from .segment.backends import load_segmenter
 from .segment.slices import SegmentOptions
@@ -43,15 +44,19 @@ class CohortRecipe:
     """
 
     template_dirs: tuple[str, ...]
-    mode: str = "wpl"
-    medlam_checkpoint: str | None = None
+    localizer_spec: LocalizerSpec = field(default_factory=LocalizerSpec)
     segmenter: Callable = field(default_factory=lambda: partial(load_segmenter, "litemedsam", None))
-    device: str = "auto"
     options: SegmentOptions = field(default_factory=SegmentOptions)
 
-    def localizer(self, support=None, device: str | None = None) -> TemplateLocalizer:
-        return TemplateLocalizer(list(self.template_dirs), mode=self.mode, checkpoint=self.medlam_checkpoint,
-                                 device=device or self.device, support=support)
+    def localizer(self, support=None, device: str | None = None):
+        return self.localizer_spec.build(list(self.template_dirs), support=support, device=device)
+
+    def client_support(self):
+        """What the client computes once for every worker: MedLAM's support features (CPU), or
+        nothing (the hybrid localizer's template preparation is cached on disk by each worker)."""
+        if self.localizer_spec.resolved_kind != "medlam":
+            return None
+        return self.localizer(device="cpu").support.to("cpu")
 
     def build(self, support=None) -> CohortSegmenter:
         localizer = self.localizer(support)
@@ -114,7 +119,7 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
     own_cluster = own_client = None
     if todo:
         # support features once, here, on CPU: the client may be a login node without a GPU
-        support = recipe.localizer(device="cpu").support.to("cpu")
+        support = recipe.client_support()
         if client is None:
             if scheduler:
                 client = own_client = distributed.Client(scheduler)

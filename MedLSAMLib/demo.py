@@ -84,11 +84,13 @@ def deformed_case(ct: Volume, labels: Volume, rng: np.random.Generator) -> tuple
     return out, from_sitk(lab), info
 
 
-def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto", log=print) -> dict:
+def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto", log=print,
+             localizer_kind: str = "auto") -> dict:
     """Template -> deformed cohort -> ``segment`` -> ``evaluate``; returns the evaluation summary."""
     from .evaluate import evaluate, summarize
     from .io import read_ct
-    from .localize import TemplateLocalizer, set_cpu_threads
+    from .localize import set_cpu_threads
+    from .localizers import LocalizerSpec
     from .pipeline import CohortSegmenter, run_cohort
     from .segment.backends import load_segmenter
     from .templates import template_from_labels
@@ -115,7 +117,7 @@ def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto",
         deformations[name] = info
     log(f"cohort: {cases} deformed, cropped and noised copies -> {out_dir / 'cohort'}")
 
-    localizer = TemplateLocalizer([out_dir / "template"], mode="wpl", device=device)
+    localizer = LocalizerSpec(localizer_kind, "wpl", device=device).build([out_dir / "template"])
     cohort = CohortSegmenter(localizer, load_segmenter("litemedsam", device=localizer.device))
     batch = run_cohort(cohort, images, out_dir / "results")
     rows = evaluate(out_dir / "results", out_dir / "cohort_labels")

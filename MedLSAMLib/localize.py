@@ -49,6 +49,11 @@ class TemplateLocalizer:
             self.support = self.localizer.support(self.templates, self.structures)
         self.setup_s = time.perf_counter() - t0
 
+    kind = "medlam"
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "checkpoint": {"path": str(self.checkpoint), "sha256": self.checkpoint_sha256}}
+
     def localize(self, image: str | Path | Volume) -> dict:
         t0 = time.perf_counter()
         volume = image if isinstance(image, Volume) else read_ct(image)
@@ -64,6 +69,7 @@ class TemplateLocalizer:
             "mode": self.localizer.opts.mode,
             "templates": [str(t.directory) for t in self.templates],
             "checkpoint": {"path": str(self.checkpoint), "sha256": self.checkpoint_sha256},
+            "localizer": self.describe(),
             "device": str(self.device),
             "structures": result["structures"],
             "timing_s": {k: round(v, 3) for k, v in timing.items()},

@@ -20,7 +20,6 @@ import numpy as np
 from . import __version__
 from .errors import USER_ERRORS, InputError
 from .io import Volume, case_name, read_ct, write_segmentation, write_text_atomic, write_volume
-from .localize import TemplateLocalizer
 from .preprocess import SAM_WINDOW
 from .segment.slices import SegmentOptions, StructureRequest, segment_volume
 
@@ -52,9 +51,11 @@ def is_complete(out_dir: Path, case: str) -> bool:
 
 
 class CohortSegmenter:
-    """Templates, localizer and segmenter loaded once; ``segment_case`` per CT."""
+    """Templates, localizer and segmenter loaded once; ``segment_case`` per CT.
 
-    def __init__(self, localizer: TemplateLocalizer, segmenter, options: SegmentOptions | None = None):
+    ``localizer``: any of :mod:`MedLSAMLib.localizers` (built with ``LocalizerSpec.build``)."""
+
+    def __init__(self, localizer, segmenter, options: SegmentOptions | None = None):
         self.localizer = localizer
         self.segmenter = segmenter
         self.options = options or SegmentOptions()
@@ -78,7 +79,8 @@ class CohortSegmenter:
             "image": loc["image"], "mode": loc["mode"], "structures": loc["structures"],
             "timing_s": {"localize": round(t_loc, 3), **{k: round(v, 3) for k, v in timing.items()},
                          "total": round(time.perf_counter() - t0, 3)},
-            "models": {"medlam": loc["checkpoint"], "segmenter": self.segmenter.describe()},
+            "models": {"localizer": loc["localizer"], **({"medlam": loc["checkpoint"]} if "checkpoint" in loc else {}),
+                       "segmenter": self.segmenter.describe()},
             "medlsam_version": __version__, "python": platform.python_version(),
         }
         return labels, record

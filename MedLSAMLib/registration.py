@@ -58,5 +58,6 @@ def localize_by_registration(templates: list[tuple[Template, Volume]], query: Vo
             "box_lps": box.round(3).tolist(),
             "box_ijk": box_lps_to_ijk(box, query.geometry).tolist(),
             "extreme_points_lps": pts.round(3).tolist(),
+            "per_template_points_lps": [m[s] for m in mapped],
         }
     return {"structures": out}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask
+from MedLSAMLib.localizers import KINDS, LocalizerSpec
 from MedLSAMLib.localize import set_cpu_threads, usable_cores
 from MedLSAMLib.pipeline import run_cohort
 
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--localizer", choices=KINDS, default="auto")
     ap.add_argument("--out", default="docs/bench/cluster")
     args = ap.parse_args()
     set_cpu_threads()
@@ -45,7 +47,7 @@ def main():
     tdirs = [str(d) for d in support_templates(hn, splits, work / "templates")]
     images = [hn / f"{c}_ct.nii.gz" for c in splits["dev_eval_core5"][: args.cases]]
     names = [p.name[: -len(".nii.gz")] for p in images]
-    recipe = CohortRecipe(tuple(tdirs), "wpl", device="cpu")
+    recipe = CohortRecipe(tuple(tdirs), LocalizerSpec(args.localizer, "wpl", device="cpu"))
 
     t0 = time.perf_counter()
     cohort = recipe.build()

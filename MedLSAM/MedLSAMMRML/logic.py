@@ -17,7 +17,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from MedLSAMLib.errors import USER_ERRORS
-from MedLSAMLib.localize import TemplateLocalizer
+from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.pipeline import CohortSegmenter
 
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
@@ -33,14 +33,16 @@ class Cancelled(Exception):
 class MedLSAMCore:
     def __init__(self, scene):
         self.scene = scene
-        self._localizers: dict[tuple, TemplateLocalizer] = {}
+        self._localizers: dict[LocalizerSpec, object] = {}
         self._segmenters: dict[tuple, object] = {}
 
     # -- cached heavy objects (safe to build on the worker thread: no MRML) ------------------
-    def localizer(self, template_dirs, mode="wpl", device="auto", checkpoint=None) -> TemplateLocalizer:
-        key = (tuple(str(d) for d in template_dirs), mode, device, str(checkpoint))
+    def localizer(self, template_dirs, mode="wpl", device="auto", checkpoint=None, localizer="auto"):
+        """A ready localizer (``localizer``: auto / hybrid / medlam / registration, as ``--localizer``)."""
+        spec = LocalizerSpec(localizer, mode, str(checkpoint) if checkpoint else None, device)
+        key = (tuple(str(d) for d in template_dirs), spec)
         if key not in self._localizers:
-            self._localizers[key] = TemplateLocalizer(template_dirs, mode=mode, checkpoint=checkpoint, device=device)
+            self._localizers[key] = spec.build(list(template_dirs))
         return self._localizers[key]
 
     def segmenter(self, name="litemedsam", checkpoint=None, device="cpu"):
@@ -52,13 +54,13 @@ class MedLSAMCore:
         return self._segmenters[key]
 
     def cohort_segmenter(self, template_dirs, mode="spl", device="auto", segmenter=None,
-                         segmenter_name="litemedsam", checkpoint=None) -> CohortSegmenter:
-        localizer = self.localizer(template_dirs, mode, device)
+                         segmenter_name="litemedsam", checkpoint=None, localizer="auto") -> CohortSegmenter:
+        localizer = self.localizer(template_dirs, mode, device, localizer=localizer)
         return CohortSegmenter(localizer, segmenter or self.segmenter(segmenter_name, checkpoint, localizer.device))
 
     # -- operations -------------------------------------------------------------------------
-    def localize(self, template_dirs, volume_node, mode="wpl", device="auto", checkpoint=None) -> dict:
-        return self.localizer(template_dirs, mode, device, checkpoint).localize(volume_from_node(volume_node))
+    def localize(self, template_dirs, volume_node, mode="wpl", device="auto", checkpoint=None, localizer="auto") -> dict:
+        return self.localizer(template_dirs, mode, device, checkpoint, localizer).localize(volume_from_node(volume_node))
 
     def write_result(self, volume_node, volume, labels, cohort: CohortSegmenter, segmentation_node=None):
         """Main thread: the labels into '<volume> MedLSAM' (or the given node), beside the volume."""
@@ -72,23 +74,23 @@ class MedLSAMCore:
         return segmentation_node
 
     def segment(self, volume_node, template_dirs, segmentation_node=None, mode="spl", device="auto",
-                segmenter=None, progress=None, segmenter_name="litemedsam", checkpoint=None):
+                segmenter=None, progress=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto"):
         """Localize and segment one volume into ``segmentation_node`` (created as '<volume> MedLSAM')."""
-        cohort = self.cohort_segmenter(template_dirs, mode, device, segmenter, segmenter_name, checkpoint)
+        cohort = self.cohort_segmenter(template_dirs, mode, device, segmenter, segmenter_name, checkpoint, localizer)
         volume = volume_from_node(volume_node)  # one copy of the node's voxels
         labels, record = cohort.segment_volume(volume, progress)
         return self.write_result(volume_node, volume, labels, cohort, segmentation_node), record
 
     def process_cohort(self, volume_nodes, template_dirs, mode="spl", device="auto", segmenter=None,
                        progress_callback=None, cancel_event=None, segmenter_name="litemedsam",
-                       checkpoint=None) -> list[dict]:
+                       checkpoint=None, localizer="auto") -> list[dict]:
         """Segment every volume (blocking); one failure does not stop the others; cancel keeps finished results.
 
         ``progress_callback(case_index, case_count, stage)`` is called between stages;
         ``cancel_event`` is anything with ``is_set()`` (e.g. ``threading.Event``).
         """
         run = CohortRun(self, volume_nodes, template_dirs, mode=mode, device=device, segmenter=segmenter,
-                        segmenter_name=segmenter_name, checkpoint=checkpoint,
+                        segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer,
                         progress_callback=progress_callback, cancel_event=cancel_event)
         while run.poll():
             run.wait(0.05)
@@ -104,12 +106,12 @@ class CohortRun:
     """
 
     def __init__(self, core: MedLSAMCore, volume_nodes, template_dirs, *, mode="spl", device="auto",
-                 segmenter=None, segmenter_name="litemedsam", checkpoint=None, progress_callback=None,
-                 cancel_event=None):
+                 segmenter=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto",
+                 progress_callback=None, cancel_event=None):
         self.core = core
         self.nodes = list(volume_nodes)
         self.settings = dict(template_dirs=list(template_dirs), mode=mode, device=device, segmenter=segmenter,
-                             segmenter_name=segmenter_name, checkpoint=checkpoint)
+                             segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer)
         self.progress_callback = progress_callback
         self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
         self.results: list[dict] = []
@@ -191,7 +193,7 @@ class CohortRun:
         if self._cohort is None:
             s = self.settings
             self._cohort = self.core.cohort_segmenter(s["template_dirs"], s["mode"], s["device"], s["segmenter"],
-                                                      s["segmenter_name"], s["checkpoint"])
+                                                      s["segmenter_name"], s["checkpoint"], s["localizer"])
         return self._cohort.segment_volume(volume, self._slice_progress)
 
     def _slice_progress(self, done: int, total: int) -> None:

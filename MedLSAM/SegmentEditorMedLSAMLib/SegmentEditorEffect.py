@@ -15,6 +15,9 @@ import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 PREVIEW_NODE_NAME = "MedLSAM preview"
+# MedLSAMLib.localizers.KINDS, spelled out so that the effect loads before dependencies are installed
+# (a test checks that the two agree).
+LOCALIZERS = ("auto", "hybrid", "medlam", "registration")
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -55,6 +58,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.templateFolderEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.templateFolderEdit.toolTip = "template folder (template.json) with a structure named like the segment"
         self.scriptedEffect.addLabeledOptionsWidget("Template:", self.templateFolderEdit)
+
+        self.localizerComboBox = qt.QComboBox()
+        self.localizerComboBox.addItems(list(LOCALIZERS))
+        self.localizerComboBox.toolTip = ("auto: the most accurate on our benchmark (hybrid); hybrid: template "
+                                          "alignment; medlam: the MedLAM network; registration: affine atlas")
+        self.scriptedEffect.addLabeledOptionsWidget("Localizer:", self.localizerComboBox)
 
         self.localizeButton = qt.QPushButton("Localize")
         self.localizeButton.toolTip = "Propose a box for the selected segment's structure from the template"
@@ -101,6 +110,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _connections(self):
         """(widget, signal, slot) of every Qt connection, so cleanup() undoes exactly these."""
         return [(self.templateFolderEdit, "currentPathChanged(QString)", self.updateMRMLFromGUI),
+                (self.localizerComboBox, "currentIndexChanged(int)", self.updateMRMLFromGUI),
                 (self.localizeButton, "clicked()", self.onLocalize),
                 (self.segmentSliceButton, "clicked()", self.onSegmentSlice),
                 (self.segmentRangeButton, "clicked()", self.onSegmentRange),
@@ -116,14 +126,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("TemplateFolder", "")
+        self.scriptedEffect.setParameterDefault("Localizer", "auto")
 
     def updateGUIFromMRML(self):
         wasBlocked = self.templateFolderEdit.blockSignals(True)
         self.templateFolderEdit.currentPath = self.scriptedEffect.parameter("TemplateFolder")
         self.templateFolderEdit.blockSignals(wasBlocked)
+        wasBlocked = self.localizerComboBox.blockSignals(True)
+        self.localizerComboBox.currentIndex = max(0, self.localizerComboBox.findText(self._localizerName()))
+        self.localizerComboBox.blockSignals(wasBlocked)
 
     def updateMRMLFromGUI(self, *args):
         self.scriptedEffect.setParameter("TemplateFolder", self.templateFolderEdit.currentPath)
+        self.scriptedEffect.setParameter("Localizer", self.localizerComboBox.currentText)
+
+    def _localizerName(self):
+        name = self.scriptedEffect.parameter("Localizer")
+        return name if name in LOCALIZERS else "auto"
 
     def deactivate(self):
         if self._job is not None:
@@ -195,9 +214,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 raise InputError("Choose the template folder.")
             volume = volume_from_node(volumeNode)  # MRML read on the main thread
             core = self.core
+            localizerName = self._localizerName()
 
             def localize(report):
-                return core.localizer([folder], "wpl", "auto").localize(volume)
+                return core.localizer([folder], "wpl", "auto", localizer=localizerName).localize(volume)
 
             def done(result):
                 entry = effect.structure_entry(result, name)

@@ -13,6 +13,7 @@ distributed = pytest.importorskip("distributed", reason="dask.distributed not in
 
 from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask  # noqa: E402
 from MedLSAMLib.io import read_labels  # noqa: E402
+from MedLSAMLib.localizers import LocalizerSpec  # noqa: E402
 from MedLSAMLib.pipeline import run_cohort  # noqa: E402
 from MedLSAMLib.templates import template_from_labels  # noqa: E402
 
@@ -60,12 +61,12 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = CohortRecipe((str(template),), "wpl", segmenter=threshold_segmenter, device="cpu")
+        local = CohortRecipe((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=threshold_segmenter)
         run_cohort(local.build(), images, tmp_path / "local", show_progress=False)
     finally:
         torch.set_num_threads(threads)
 
-    recipe = CohortRecipe((str(template),), "wpl", segmenter=slow_threshold_segmenter, device="cpu")
+    recipe = CohortRecipe((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=slow_threshold_segmenter)
     out = tmp_path / "dask"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
@@ -102,7 +103,7 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
 
 def test_resume_under_dask_skips_complete_cases_without_starting_a_cluster(template, tmp_path):
     images = [hn_case(c)[0] for c in CASES[:2]]
-    recipe = CohortRecipe((str(template),), "wpl", segmenter=threshold_segmenter, device="cpu")
+    recipe = CohortRecipe((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=threshold_segmenter)
     run_cohort(recipe.build(), images, tmp_path, show_progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     summary = run_cohort_dask(recipe, images, tmp_path, resume=True, scheduler="tcp://127.0.0.1:1",  # never contacted

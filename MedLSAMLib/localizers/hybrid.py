@@ -1,0 +1,264 @@
+"""The hybrid localizer: coarse-to-fine template alignment, all templates and structures batched.
+
+1. **Global**: each template's region around its structures is placed on the query. A
+   translation-only search over head-foot start positions (8 mm smoothing) picks a start, then
+   one affine per template is fitted with blockwise NCC at 4 mm (all templates in one batch).
+2. **Local**: per template x structure, the structure's neighbourhood (its extent + 20 mm, 2 mm
+   points) gets its own affine correction on top of the global one (all pairs in one batch).
+3. **Fusion**: each pair maps the template's structure shape (mask voxels, or its six points)
+   into the query; the boxes are fused per face by the median over the templates whose global
+   alignment is good enough (a template of another body region does not vote).
+4. **Shape**: the voting template whose box is closest to the fused one lends its mapped shape,
+   fitted into the fused box: sub-part boxes (SPL) and one box per axial slice come from it.
+
+Presence: a structure whose fused box lies mostly outside the query's field of view is
+reported ``present: false``. Why this design and what each stage gains: docs/localizer.md.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..geometry import Geometry, box_from_points, box_lps_to_ijk
+from ..io import Volume, read_ct
+from ..templates import Template, extreme_points_of_cloud, load_template
+from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
+from .fusion import (FusedBox, FusionSettings, confidence, fit_shape, fuse_boxes, inside_fraction,
+                     usable_templates)
+from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
+from .working import HU_RANGE, working_image
+
+SPL_INTERVAL_MM = 6.0  # sub-part height, as MedLAM's SPL
+SPL_MAX_PARTS = 6
+
+
+def _tensor(a, device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+
+
+class HybridLocalizer:
+    """Templates prepared once (from the disk cache when possible); localizes any number of CTs."""
+
+    kind = "hybrid"
+
+    def __init__(self, template_dirs, *, mode: str = "wpl", device: str | torch.device = "cpu",
+                 structures: list[str] | None = None, settings: HybridSettings | None = None,
+                 fusion: FusionSettings | None = None, cache_dir: Path | str | None | bool = True):
+        t0 = time.perf_counter()
+        if mode not in ("wpl", "spl"):
+            raise InputError(f"unknown mode {mode!r}; use wpl or spl")
+        self.mode = mode
+        self.device = torch.device(device)
+        self.settings = settings or HybridSettings()
+        self.fusion = fusion or FusionSettings()
+        self.templates: list[Template] = [t if isinstance(t, Template) else load_template(t) for t in template_dirs]
+        if not self.templates:
+            raise InputError("give at least one --template")
+        self.structures = list(structures or self.templates[0].structures)
+        for t in self.templates:
+            t.require(self.structures)
+        cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+        self.cache_dir = cache
+        loaded = [prepare_cached(t, self.structures, self.settings, cache) for t in self.templates]
+        self.prepared: list[PreparedTemplate] = [p for p, _ in loaded]
+        self.cache_hits = sum(hit for _, hit in loaded)
+        self.setup_s = time.perf_counter() - t0
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "settings": self.settings.key(),
+                "template_cache": str(self.cache_dir) if self.cache_dir else None}
+
+    # -- query ---------------------------------------------------------------------------------
+    def localize(self, image: str | Path | Volume, keep_stages: bool = False) -> dict:
+        t0 = time.perf_counter()
+        volume = image if isinstance(image, Volume) else read_ct(image)
+        t_read = time.perf_counter()
+        st = self.settings
+        with torch.no_grad():
+            search = self._query_image(volume, 2 * st.global_spacing_mm, 8.0)
+            coarse = self._query_image(volume, st.global_spacing_mm, st.global_spacing_mm)
+            fine = self._query_image(volume, st.local_spacing_mm, st.local_sigma_mm, st.local_hu_range)
+        t_prep = time.perf_counter()
+        global_maps, global_scores = self._global(volume.geometry, search, coarse)
+        t_global = time.perf_counter()
+        used = usable_templates(global_scores.cpu().numpy(), self.fusion)
+        local_maps, local_scores = self._local(fine, global_maps, used)
+        t_local = time.perf_counter()
+        result = self._assemble(volume.geometry, used, global_maps.cpu().numpy(), global_scores.cpu().numpy(),
+                                local_maps, local_scores, keep_stages)
+        t_end = time.perf_counter()
+        timing = {"read": t_read - t0, "preprocess": t_prep - t_read, "global": t_global - t_prep,
+                  "local": t_local - t_global, "fuse": t_end - t_local, "templates_setup": self.setup_s,
+                  "total_query": t_end - t0}
+        return {
+            "image": str(volume.meta.get("path", volume.name)),
+            "mode": self.mode,
+            "templates": [str(t.directory) for t in self.templates],
+            "localizer": self.describe(),
+            "device": str(self.device),
+            "structures": result["structures"],
+            **({"stages": result["stages"]} if keep_stages else {}),
+            "timing_s": {k: round(v, 3) for k, v in timing.items()},
+        }
+
+    def _query_image(self, volume: Volume, spacing: float, sigma: float, hu_range=HU_RANGE) -> QueryImage:
+        arr, geo = working_image(volume, spacing, sigma, hu_range)
+        return QueryImage.from_array(arr, geo, self.device)
+
+    def _global(self, geometry: Geometry, search: QueryImage, coarse: QueryImage):
+        """One affine per template (template LPS -> query LPS) and its blockwise NCC."""
+        st, dev = self.settings, self.device
+        rng = np.random.default_rng(st.seed)
+        body = torch.nonzero(coarse.data[0, 0] > 100.0).cpu().numpy()
+        if len(body) < 100:
+            raise InputError("no body found in the image (is it empty or all air?)")
+        q_centroid = coarse.geometry.ijk_to_lps(body[:, ::-1].astype(float)).mean(0)
+        fov = box_from_points(geometry.corners_lps())
+        z_starts = np.arange(fov[0, 2], fov[1, 2] + 1e-6, st.search_step_mm)
+        n_t, n_z = len(self.prepared), len(z_starts)
+        # 1. translation-only search: score every (template, head-foot start), keep the best few.
+        pts, vals, shifts, centres = [], [], [], []
+        for p in self.prepared:
+            sub = rng.choice(len(p.global_points), min(st.search_points, len(p.global_points)), replace=False)
+            for z in z_starts:
+                pts.append(p.global_points[sub])
+                vals.append(p.search_values[sub])
+                shifts.append([q_centroid[0] - p.centroid[0], q_centroid[1] - p.centroid[1], z - p.centroid[2]])
+                centres.append(p.centroid)
+        sets = PointSets(_tensor(np.stack(pts), dev), _tensor(np.stack(vals), dev),
+                         torch.ones(n_t * n_z, len(pts[0]), device=dev), _tensor(np.stack(centres), dev))
+        start = torch.eye(4, device=dev).repeat(n_t * n_z, 1, 1)
+        start[:, :3, 3] = _tensor(np.array(shifts), dev)
+        with torch.no_grad():
+            v, inside = search.sample(sets.points + start[:, None, :3, 3])
+            score = weighted_ncc(sets.values, v, inside.float()) * inside.float().mean(1)
+        keep = min(st.search_keep, n_z)
+        top = (torch.arange(n_t, device=dev)[:, None] * n_z + score.reshape(n_t, n_z).topk(keep, dim=1).indices).reshape(-1)
+        sets = PointSets(sets.points[top], sets.values[top], sets.weights[top], sets.centres[top])
+        moved, moved_score = align(search, sets, start[top], AlignSettings(
+            iterations=30, lr_translation_mm=3.0, translation_only_iterations=30, block_mm=st.block_mm))
+        best = moved_score.reshape(n_t, keep).argmax(1)
+        start = moved.reshape(n_t, keep, 4, 4)[torch.arange(n_t, device=dev), best]
+        # 2. one affine per template on the 4 mm image.
+        sets = PointSets(_tensor(np.stack([p.global_points for p in self.prepared]), dev),
+                         _tensor(np.stack([p.global_values for p in self.prepared]), dev),
+                         torch.ones(n_t, st.global_points, device=dev),
+                         _tensor(np.stack([p.centroid for p in self.prepared]), dev))
+        return align(coarse, sets, start, AlignSettings(
+            iterations=st.global_iterations, lr_translation_mm=2.0, max_scale_change=st.global_max_scale,
+            translation_only_iterations=10, block_mm=st.block_mm))
+
+    def _local(self, fine: QueryImage, global_maps: torch.Tensor, used: np.ndarray):
+        """One affine per (used template, structure), on top of that template's global map."""
+        st, dev = self.settings, self.device
+        pairs = [(int(t), name) for t in used for name in self.structures]
+        structs = [self.prepared[t].structures[name] for t, name in pairs]
+        sets = PointSets(_tensor(np.stack([s.points for s in structs]), dev),
+                         _tensor(np.stack([s.values for s in structs]), dev),
+                         torch.ones(len(pairs), st.local_points, device=dev),
+                         _tensor(np.stack([s.centre for s in structs]), dev))
+        maps, scores = align(fine, sets, global_maps[[t for t, _ in pairs]], AlignSettings(
+            iterations=st.local_iterations, lr_translation_mm=1.0, lr_linear=0.01,
+            max_scale_change=st.local_max_scale, translation_only_iterations=20, ignore_outside=True,
+            final_lr_fraction=st.local_final_lr))
+        maps, scores = maps.cpu().numpy().astype(float), scores.cpu().numpy()
+        return ({pair: maps[n] for n, pair in enumerate(pairs)}, {pair: float(scores[n]) for n, pair in enumerate(pairs)})
+
+    # -- result --------------------------------------------------------------------------------
+    def _assemble(self, geometry: Geometry, used, global_maps, global_scores, local_maps, local_scores,
+                  keep_stages: bool) -> dict:
+        fov = box_from_points(geometry.corners_lps())
+        n_t = len(self.prepared)
+        out, stages = {}, {}
+        for name in self.structures:
+            shapes = {t: apply_affine(local_maps[(t, name)], self.prepared[t].structures[name].shape) for t in used}
+            boxes = np.stack([box_from_points(shapes[t]) if t in shapes else np.zeros((2, 3)) for t in range(n_t)])
+            fused = fuse_boxes(boxes, used)
+            match = float(np.median([local_scores[(t, name)] for t in used]))
+            frac = inside_fraction(fused.box, fov)
+            present = frac >= self.fusion.min_inside_fraction
+            out[name] = self._structure_entry(name, geometry, fov, fused, shapes[fused.medoid], present,
+                                              match, frac, len(used), n_t,
+                                              self.prepared[fused.medoid].structures[name].from_mask)
+            if keep_stages:
+                global_boxes = np.stack([box_from_points(apply_affine(global_maps[t], self.prepared[t].structures[name].shape))
+                                         for t in range(n_t)])
+                stages[name] = {
+                    "global_all": np.median(global_boxes, 0).tolist(),
+                    "global": np.median(global_boxes[used], 0).tolist(),
+                    "local": fused.box.tolist(),
+                    "per_template_local": {self.prepared[t].name: boxes[t].tolist() for t in used},
+                    "per_template_global": {p.name: b.tolist() for p, b in zip(self.prepared, global_boxes)},
+                    "global_scores": [round(float(s), 4) for s in global_scores],
+                    "local_scores": {self.prepared[t].name: round(local_scores[(t, name)], 4) for t in used},
+                }
+        return {"structures": out, "stages": stages}
+
+    def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
+                         match, frac, n_used, n_templates, from_mask) -> dict:
+        box = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
+        shape = fit_shape(medoid_shape, fused.box)
+        shape = shape[np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)]
+        parts = [box]
+        if self.mode == "spl" and from_mask and len(shape) > 6:
+            extent = float(np.ptp(shape[:, 2]))
+            n_parts = int(max(1, min(extent // SPL_INTERVAL_MM, SPL_MAX_PARTS)))
+            parts = _slab_boxes(shape, n_parts) if n_parts > 1 else parts
+        entry = {
+            "label": self.templates[0].structures[name].label,
+            "present": bool(present),
+            "confidence": round(confidence(fused.agreement, match, n_used, n_templates), 4) if present else 0.0,
+            "box_lps": box.round(3).tolist(),
+            "box_ijk": box_lps_to_ijk(box, geometry).tolist(),
+            "sub_boxes_lps": [b.round(3).tolist() for b in parts],
+            "sub_boxes_ijk": [box_lps_to_ijk(b, geometry).tolist() for b in parts],
+            "extreme_points_lps": (extreme_points_of_cloud(shape, 1.0) if len(shape) else
+                                   extreme_points_of_cloud(box_from_points(box), 1.0)).round(3).tolist(),
+            "slice_boxes_ijk": _slice_boxes(shape, geometry) if from_mask else None,
+            "match": round(match, 4),
+            "agreement": round(fused.agreement, 4),
+            "templates_used": n_used,
+            "inside_fraction": round(frac, 4),
+        }
+        if self.mode == "spl" and not from_mask:
+            entry["note"] = "SPL needs template label maps; used one box (WPL)"
+        return entry
+
+
+def _slab_boxes(shape: np.ndarray, n_parts: int) -> list[np.ndarray]:
+    """Boxes of ``n_parts`` equal head-foot slabs of a point cloud, inferior to superior."""
+    z = shape[:, 2]
+    edges = np.linspace(z.min(), z.max(), n_parts + 1)
+    out = []
+    for p in range(n_parts):
+        last = p == n_parts - 1
+        sel = shape[(z >= edges[p] - 1e-6) & ((z <= edges[p + 1] + 1e-6) if last else (z < edges[p + 1]))]
+        if len(sel):
+            out.append(box_from_points(sel))
+    return out
+
+
+def _slice_boxes(shape: np.ndarray, geometry: Geometry) -> list[list[list[int]]] | None:
+    """One inclusive ijk box per axial slice that the shape touches (slices in a gap are left to
+    the segmenter's gap filling)."""
+    if len(shape) == 0:
+        return None
+    ijk = geometry.lps_to_ijk(shape)
+    ax = geometry.axial_axis
+    hi_limit = np.asarray(geometry.size) - 1
+    s = np.rint(ijk[:, ax]).astype(int)
+    out = []
+    for k in np.unique(s):
+        if not 0 <= k <= hi_limit[ax]:
+            continue
+        pts = ijk[s == k]
+        lo = np.clip(np.floor(pts.min(0)), 0, hi_limit).astype(int)
+        hi = np.clip(np.ceil(pts.max(0)), 0, hi_limit).astype(int)
+        lo[ax] = hi[ax] = k
+        out.append([lo.tolist(), hi.tolist()])
+    return out
+

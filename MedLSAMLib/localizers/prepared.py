@@ -1,0 +1,196 @@
+"""What a template contributes to the hybrid localizer, computed once and cached on disk.
+
+Per template: the points and values the global alignment compares (inside a region around all
+its structures), and per structure the points of its neighbourhood at about 2 mm, its centre and
+its *shape*: the voxel centres of its label-map mask when the template has a label map, else its
+six extreme points. Everything is plain numpy; the cache file is an ``.npz`` read without pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError
+from ..geometry import box_from_points
+from ..io import Volume
+from ..templates import MANIFEST, Template
+from .align import QueryImage
+from .working import SOFT_TISSUE_RANGE, grid_points, working_image
+
+import torch  # noqa: E402  (after the package imports: torch is the slow one)
+
+
+@dataclass(frozen=True)
+class HybridSettings:
+    """Every number the hybrid localizer uses; part of the template cache key."""
+
+    # Global stage: the template region around its structures, aligned to the whole query.
+    roi_margin_mm: float = 50.0
+    global_spacing_mm: float = 4.0
+    global_points: int = 20000
+    search_points: int = 3000  # first, translation-only search on an 8 mm smoothed image
+    search_step_mm: float = 15.0  # head-foot start positions tried over the query's extent
+    search_keep: int = 3
+    block_mm: float = 40.0  # blockwise NCC (see align.block_ncc)
+    global_iterations: int = 100
+    global_max_scale: float = 0.15
+    # Local stage: each structure's neighbourhood, one affine per template x structure.
+    local_spacing_mm: float = 2.0
+    local_margin_mm: float = 20.0
+    local_points: int = 6000
+    local_sigma_mm: float = 1.0
+    local_hu_range: tuple[float, float] = SOFT_TISSUE_RANGE
+    local_iterations: int = 80
+    local_max_scale: float = 0.35
+    local_final_lr: float = 1.0
+    shape_points: int = 4000  # mask voxels kept per structure (a uniform subsample)
+    seed: int = 2023
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PreparedStructure:
+    centre: np.ndarray  # (3,) LPS, centre of the structure's extent (the local affine's centre)
+    points: np.ndarray  # (N, 3) neighbourhood points
+    values: np.ndarray  # (N,) template working values at them
+    shape: np.ndarray  # (M, 3) LPS points whose bounding box is the structure (mask voxels or 6 points)
+    from_mask: bool
+
+
+@dataclass
+class PreparedTemplate:
+    name: str
+    global_points: np.ndarray  # (G, 3)
+    global_values: np.ndarray  # (G,) at global_spacing smoothing
+    search_values: np.ndarray  # (G,) at 8 mm smoothing
+    centroid: np.ndarray  # (3,) body centroid of the region
+    structures: dict[str, PreparedStructure] = field(default_factory=dict)
+
+
+def _values_at(array: np.ndarray, geometry, points: np.ndarray) -> np.ndarray:
+    image = QueryImage.from_array(array, geometry)
+    vals, _ = image.sample(torch.as_tensor(points, dtype=torch.float32)[None])
+    return vals[0].numpy()
+
+
+def _mask_cloud(labels: Volume, value: int) -> np.ndarray:
+    kji = np.argwhere(labels.array == value)
+    return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))
+
+
+def prepare_template(template: Template, names: list[str], settings: HybridSettings) -> PreparedTemplate:
+    rng = np.random.default_rng(settings.seed)
+    image = template.load_image()
+    labels = template.load_labels()
+    if labels is not None and not labels.geometry.is_close(image.geometry, atol=1e-3):
+        labels = None  # a label map on another grid is not trusted for shapes; the points still are
+    structures = template.require(names)
+    fov = box_from_points(image.geometry.corners_lps())
+    extents = [box_from_points(s.points) for s in structures]
+    roi_lo = np.maximum(np.min([e[0] for e in extents], 0) - settings.roi_margin_mm, fov[0])
+    roi_hi = np.minimum(np.max([e[1] for e in extents], 0) + settings.roi_margin_mm, fov[1])
+
+    g_arr, g_geo = working_image(image, settings.global_spacing_mm, settings.global_spacing_mm)
+    s_arr, s_geo = working_image(image, 2 * settings.global_spacing_mm, 8.0)
+    pts = grid_points(roi_lo, roi_hi, settings.global_spacing_mm)
+    vals = _values_at(g_arr, g_geo, pts)
+    body = np.flatnonzero(vals > 100.0)  # tissue (and its blurred edge), not air
+    if len(body) < 100:
+        raise InputError(f"template {template.name}: no body found around its structures (is the image empty?)")
+    centroid = pts[body].mean(0)
+    keep = body[rng.choice(len(body), settings.global_points, replace=len(body) < settings.global_points)]
+    prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(s_arr, s_geo, pts[keep]), centroid)
+
+    l_arr, l_geo = working_image(image, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
+    for s, extent in zip(structures, extents):
+        shape, from_mask = s.points, False
+        if labels is not None:
+            cloud = _mask_cloud(labels, s.label)
+            if len(cloud):
+                if len(cloud) > settings.shape_points:
+                    cloud = cloud[rng.choice(len(cloud), settings.shape_points, replace=False)]
+                # The six points are on the mask too; keep them so the extent is exact.
+                shape, from_mask = np.concatenate([cloud, s.points]), True
+        box = box_from_points(shape)
+        p = grid_points(box[0] - settings.local_margin_mm, box[1] + settings.local_margin_mm, settings.local_spacing_mm)
+        p = p[rng.choice(len(p), settings.local_points, replace=len(p) < settings.local_points)]
+        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, _values_at(l_arr, l_geo, p), shape, from_mask)
+    return prepared
+
+
+# --- disk cache ------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(template: Template, names: list[str], settings: HybridSettings) -> str:
+    """SHA256 over the template's files (manifest, markups, image, labels), the names, the settings
+    and the MedLSAM version: any change to any of them gives another key."""
+    d = template.directory
+    files = [d / MANIFEST] + sorted(p for p in d.glob("*.mrk.json")) if d else []
+    files += [template.image_path] + ([template.labels_path] if template.labels_path else [])
+    parts = {"version": __version__, "names": list(names), "settings": settings.key(),
+             "files": [[Path(f).name, _file_digest(Path(f))] for f in files if Path(f).is_file()]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
+    arrays = {"global_points": prepared.global_points, "global_values": prepared.global_values,
+              "search_values": prepared.search_values, "centroid": prepared.centroid}
+    names = list(prepared.structures)
+    for n, name in enumerate(names):
+        s = prepared.structures[name]
+        arrays.update({f"s{n}_centre": s.centre, f"s{n}_points": s.points, f"s{n}_values": s.values,
+                       f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask)})
+    arrays["meta"] = np.array(json.dumps({"name": prepared.name, "structures": names}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_prepared(path: Path) -> PreparedTemplate:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        prepared = PreparedTemplate(meta["name"], z["global_points"], z["global_values"], z["search_values"],
+                                    z["centroid"])
+        for n, name in enumerate(meta["structures"]):
+            prepared.structures[name] = PreparedStructure(z[f"s{n}_centre"], z[f"s{n}_points"], z[f"s{n}_values"],
+                                                          z[f"s{n}_shape"], bool(z[f"s{n}_from_mask"]))
+    return prepared
+
+
+def prepare_cached(template: Template, names: list[str], settings: HybridSettings,
+                   cache_dir: Path | None) -> tuple[PreparedTemplate, bool]:
+    """(prepared template, whether it came from the cache). ``cache_dir=None`` disables the cache."""
+    if cache_dir is None:
+        return prepare_template(template, names, settings), False
+    path = Path(cache_dir) / f"{cache_key(template, names, settings)}.npz"
+    if path.is_file():
+        try:
+            return load_prepared(path), True
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt, never trusted
+    prepared = prepare_template(template, names, settings)
+    try:
+        save_prepared(prepared, path)
+    except OSError:
+        pass  # a read-only cache folder only costs time
+    return prepared, False

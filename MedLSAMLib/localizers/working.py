@@ -1,0 +1,51 @@
+"""Working images for alignment: HU clamped, air shifted to 0, smoothed, on a coarser grid.
+
+Template and query go through the same function, so their values are comparable. The grid keeps
+the scan's own axis directions (no resampling error from a rotation) and only coarsens axes whose
+spacing is finer than asked: a 512 x 512 x 600 CT becomes a few million voxels, a 128^3 CT at 4 mm
+stays as it is.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..geometry import Geometry
+from ..io import Volume, apply_geometry, to_sitk
+
+#: HU range of the global alignment images: air .. dense bone. Values are stored as HU - low, so
+#: that the lowest value (and anything outside a scan, which reads as 0) is 0.
+HU_RANGE = (-1000.0, 1500.0)
+#: HU range of the local (per-structure) images: soft tissue. Fat, muscle, gland and vessels
+#: differ by tens of HU; the full range would let bone and air edges decide alone.
+SOFT_TISSUE_RANGE = (-250.0, 350.0)
+
+
+def coarse_geometry(geometry: Geometry, spacing_mm: float) -> Geometry:
+    """Same origin corner, directions and extent; spacing raised to ``spacing_mm`` where finer."""
+    spacing = np.maximum(geometry.spacing, spacing_mm)
+    extent = (np.asarray(geometry.size) - 1) * geometry.spacing
+    size = np.floor(extent / spacing + 1e-6).astype(int) + 1
+    return Geometry(geometry.origin, spacing, geometry.direction, tuple(int(s) for s in size))
+
+
+def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
+                  hu_range: tuple[float, float] = HU_RANGE) -> tuple[np.ndarray, Geometry]:
+    """(array [k, j, i] float32, geometry): clamped, shifted, smoothed by ``sigma_mm``, resampled."""
+    image = sitk.Cast(to_sitk(volume), sitk.sitkFloat32)
+    image = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]), float(hu_range[1])) - float(hu_range[0])
+    if sigma_mm > 0:
+        image = sitk.SmoothingRecursiveGaussian(image, float(sigma_mm))
+    target = coarse_geometry(volume.geometry, spacing_mm)
+    if target.is_close(volume.geometry):
+        return sitk.GetArrayFromImage(image).astype(np.float32, copy=False), volume.geometry
+    ref = sitk.Image([int(s) for s in target.size], sitk.sitkUInt8)
+    apply_geometry(ref, target)
+    out = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out), target
+
+
+def grid_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """LPS points of a regular axis-aligned grid covering the box [lo, hi], (N, 3)."""
+    axes = [np.arange(a, b + 1e-6, spacing_mm) for a, b in zip(lo, hi)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)

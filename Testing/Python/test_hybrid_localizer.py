@@ -1,0 +1,244 @@
+"""The hybrid localizer (coarse-to-fine template alignment) on real head-and-neck CT.
+
+Accuracy on the dev set is a benchmark (benchmarks/localization.py, docs/results.md); these tests
+check properties that must hold: a known smooth deformation is recovered, a template of another
+body region does not vote, prepared templates are cached and invalidated, a structure cropped
+out of the field of view is reported absent.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedLSAMLib.geometry import box_from_points
+from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk, write_volume
+from MedLSAMLib.localizers import LocalizerSpec
+from MedLSAMLib.localizers.align import PointSets, QueryImage, block_ncc, weighted_ncc
+from MedLSAMLib.localizers.fusion import FusionSettings, fit_shape, fuse_boxes, usable_templates
+from MedLSAMLib.localizers.hybrid import HybridLocalizer
+from MedLSAMLib.markups import read_markups, write_markups
+from MedLSAMLib.templates import template_from_labels
+
+from conftest import CORE5, SHARED, hn_case
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    """pt_1 and pt_100 as templates (CORE5 from their label maps)."""
+    out = []
+    for case in ("train-pats/pt_1", "train-pats/pt_100"):
+        ct, labels = hn_case(case)
+        d = tmp_path_factory.mktemp(case.split("/")[1])
+        template_from_labels(ct, labels, CORE5, d)
+        out.append(d)
+    return out
+
+
+def mask_cloud(labels: Volume, value: int) -> np.ndarray:
+    kji = np.argwhere(labels.array == value)
+    return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))
+
+
+# --- pure parts ---------------------------------------------------------------------------------
+def test_ncc_is_one_for_an_affine_copy_and_blockwise_ignores_a_spoiled_block():
+    rng = np.random.default_rng(0)
+    a = torch.as_tensor(rng.normal(size=(1, 2000)), dtype=torch.float32)
+    w = torch.ones_like(a)
+    assert float(weighted_ncc(a, 3 * a + 5, w)) == pytest.approx(1.0, abs=1e-5)
+    spoiled = a.clone()
+    spoiled[0, :200] = torch.as_tensor(rng.normal(size=200) * 50, dtype=torch.float32)  # one block of garbage
+    blocks = torch.as_tensor(np.repeat(np.arange(10), 200)[None], dtype=torch.long)
+    assert float(block_ncc(a, spoiled, w, blocks, 10)) > 0.89  # 9 of 10 blocks still perfect
+    assert float(weighted_ncc(a, spoiled, w)) < 0.5  # the plain NCC is dragged down by it
+
+
+def test_query_image_samples_at_lps_points_on_an_oblique_grid():
+    from conftest import OBLIQUE
+    from MedLSAMLib.geometry import Geometry
+
+    geo = Geometry(np.array([10.0, -20.0, 5.0]), np.array([2.0, 3.0, 4.0]), OBLIQUE, (20, 16, 12))
+    kji = np.indices(geo.shape_kji).astype(np.float32)
+    array = (kji[0] * 100 + kji[1] * 10 + kji[2]).astype(np.float32)  # value encodes k, j, i
+    image = QueryImage.from_array(array, geo)
+    ijk = np.array([[3.0, 4.0, 5.0], [10.5, 2.0, 7.25]])
+    values, inside = image.sample(torch.as_tensor(geo.ijk_to_lps(ijk), dtype=torch.float32)[None])
+    expected = ijk[:, 2] * 100 + ijk[:, 1] * 10 + ijk[:, 0]  # trilinear of a linear ramp is exact
+    assert np.allclose(values[0].numpy(), expected, atol=1e-3) and bool(inside.all())
+    outside, inside = image.sample(torch.as_tensor(geo.ijk_to_lps([[-3.0, 0, 0]]), dtype=torch.float32)[None])
+    assert not bool(inside[0, 0]) and float(outside[0, 0]) == 0.0  # outside the scan reads as air (0)
+
+
+def test_fusion_median_resists_one_wrong_box_and_drops_badly_aligned_templates():
+    good = np.array([[[0, 0, 0], [10, 10, 10]], [[1, 0, 0], [11, 10, 10]], [[0, 1, 0], [10, 11, 10]]], float)
+    wrong = np.array([[[100, 100, 100], [150, 150, 150]]], float)
+    fused = fuse_boxes(np.concatenate([good, wrong]), np.arange(4))
+    assert np.all(np.abs(fused.box - good[0]) <= 1.0)
+    assert list(usable_templates(np.array([0.8, 0.75, 0.1]), FusionSettings())) == [0, 1]
+    assert list(usable_templates(np.array([0.05, 0.02]), FusionSettings())) == [0]  # never none
+    shape = np.array([[0, 0, 0], [2, 4, 6], [1, 1, 1]], float)
+    fitted = fit_shape(shape, np.array([[10, 10, 10], [20, 30, 40]], float))
+    assert np.allclose(box_from_points(fitted), [[10, 10, 10], [20, 30, 40]])
+
+
+# --- on real CT -----------------------------------------------------------------------------------
+def smooth_warp(ct: Volume, labels: Volume):
+    """The CT under a known smooth deformation: a rotation of 4 degrees, 5 % scaling, a 12 mm shift
+    and a sinusoidal displacement of 3 mm amplitude (200 mm wavelength). Returns the warped CT and
+    the map of template points to the warped CT (a function of (N, 3) LPS points)."""
+    centre = ct.geometry.ijk_to_lps((np.asarray(ct.geometry.size) - 1) / 2)
+    angle = np.deg2rad(4.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    a = rot @ np.diag([1.05, 0.97, 1.03])
+    shift = np.array([12.0, -8.0, 6.0])
+
+    def displacement(y):
+        return 3.0 * np.stack([np.sin(2 * np.pi * y[:, 2] / 200.0), np.cos(2 * np.pi * y[:, 0] / 200.0),
+                               np.sin(2 * np.pi * y[:, 1] / 200.0)], axis=1)
+
+    def warped_to_template(y):  # what resampling needs: a point of the warped CT -> template point
+        return (y - centre - shift) @ np.linalg.inv(a).T + centre + displacement(y)
+
+    def template_to_warped(p):  # its inverse, by fixed-point iteration (the displacement is small)
+        y = (p - centre) @ a.T + centre + shift
+        for _ in range(50):
+            y = (p - displacement(y) - centre) @ a.T + centre + shift
+        return y
+
+    grid = to_sitk(ct)
+    kji = np.indices(ct.geometry.shape_kji).reshape(3, -1).T
+    field = warped_to_template(ct.geometry.ijk_to_lps(kji[:, ::-1].astype(float))) - ct.geometry.ijk_to_lps(
+        kji[:, ::-1].astype(float))
+    disp = sitk.GetImageFromArray(field.reshape(*ct.geometry.shape_kji, 3), isVector=True)
+    disp.CopyInformation(grid)
+    tx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+    warped = sitk.Resample(grid, grid, tx, sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    return from_sitk(warped, "warped"), template_to_warped
+
+
+def test_known_smooth_deformation_is_recovered_within_2_mm(templates):
+    template_dir = templates[0]
+    ct_path, labels_path = hn_case("train-pats/pt_1")
+    ct, labels = read_ct(ct_path), read_labels(labels_path)
+    warped, to_warped = smooth_warp(ct, labels)
+    loc = HybridLocalizer([template_dir], cache_dir=None)
+    result = loc.localize(warped, keep_stages=True)
+    errors = {}
+    for value, name in CORE5:
+        truth = box_from_points(to_warped(mask_cloud(labels, value)))
+        found = np.array(result["structures"][name]["box_lps"])
+        global_only = np.array(result["stages"][name]["global"])
+        errors[name] = (np.abs(found - truth).max(), np.abs(global_only - truth).max())
+    # every face of every structure within 2 mm; the local stage is what gets it there
+    assert max(e[0] for e in errors.values()) <= 2.0, errors
+    assert np.mean([e[0] for e in errors.values()]) < np.mean([e[1] for e in errors.values()]), errors
+
+
+def test_a_template_of_another_body_region_does_not_vote(templates, tmp_path):
+    abdomen = SHARED / "data" / "totalseg_abdomen" / "ts_abdpelvis_ct_3mm.nii.gz"
+    if not abdomen.exists():
+        pytest.skip(f"needs {abdomen} (the shared data folder); not present here")
+    labels = read_labels(SHARED / "data" / "totalseg_abdomen" / "ts_abdpelvis_totalseg_labels_3mm.nii.gz")
+    # an abdomen CT whose structures carry the head-and-neck names (any five labelled organs)
+    values = [int(v) for v in np.unique(labels.array) if v][:5]
+    relabelled = labels.with_array(np.zeros_like(labels.array, dtype=np.int16))
+    for (new, _), old in zip(CORE5, values):
+        relabelled.array[labels.array == old] = new
+    write_volume(relabelled, tmp_path / "abd_labels.nii.gz")
+    template_from_labels(abdomen, tmp_path / "abd_labels.nii.gz", CORE5, tmp_path / "abdomen")
+    query = read_ct(hn_case("validation-pats/pt_201")[0])
+    both = HybridLocalizer(templates, cache_dir=None).localize(query)
+    mixed = HybridLocalizer([*templates, tmp_path / "abdomen"], cache_dir=None).localize(query, keep_stages=True)
+    scores = mixed["stages"]["Brainstem"]["global_scores"]
+    assert scores[2] < min(scores[:2]) - 0.3, scores
+    for _, name in CORE5:
+        assert mixed["structures"][name]["templates_used"] == both["structures"][name]["templates_used"]
+        assert np.allclose(mixed["structures"][name]["box_lps"], both["structures"][name]["box_lps"], atol=0.5)
+
+
+def test_prepared_templates_are_cached_and_a_changed_markups_file_invalidates_them(templates, tmp_path):
+    cache = tmp_path / "cache"
+    first = HybridLocalizer(templates, cache_dir=cache)
+    assert first.cache_hits == 0 and len(list(cache.glob("*.npz"))) == 2
+    again = HybridLocalizer(templates, cache_dir=cache)
+    assert again.cache_hits == 2
+    for a, b in zip(first.prepared, again.prepared):
+        assert np.array_equal(a.global_points, b.global_points)
+        assert np.array_equal(a.structures["Mandible"].values, b.structures["Mandible"].values)
+    # move one point of one structure by 1 mm: that template is prepared again, the other is not
+    mrk = templates[0] / "Brainstem.mrk.json"
+    original = mrk.read_bytes()
+    try:
+        name, points = read_markups(mrk)
+        points[0, 2] += 1.0
+        write_markups(mrk, name, points)
+        changed = HybridLocalizer(templates, cache_dir=cache)
+        assert changed.cache_hits == 1 and len(list(cache.glob("*.npz"))) == 3
+    finally:
+        mrk.write_bytes(original)
+    assert not list(cache.glob(".*.tmp")), "no temporary files left in the cache"
+
+
+def test_a_structure_cropped_out_of_the_field_of_view_is_absent(templates):
+    ct_path, labels_path = hn_case("validation-pats/pt_201")
+    ct, labels = read_ct(ct_path), read_labels(labels_path)
+    ax = ct.geometry.axial_axis
+    assert ax == 2  # OpenKBP files: k runs head to foot
+    # keep only the slices below the lowest brainstem slice (k grows towards the feet here)
+    brainstem_k = np.argwhere(labels.array == 1)[:, 0]
+    cut = int(brainstem_k.max()) + 4
+    image = sitk.RegionOfInterest(to_sitk(ct), [ct.geometry.size[0], ct.geometry.size[1], ct.geometry.size[2] - cut],
+                                  [0, 0, cut])
+    cropped = from_sitk(image, "cropped")
+    result = HybridLocalizer(templates, cache_dir=None).localize(cropped)
+    assert result["structures"]["Brainstem"]["present"] is False
+    assert result["structures"]["Brainstem"]["confidence"] == 0.0
+    assert result["structures"]["SpinalCord"]["present"] is True
+
+
+def test_spl_gives_sub_boxes_and_slice_boxes_inside_the_structure_box(templates):
+    result = LocalizerSpec("hybrid", "spl", device="cpu", cache_dir=None).build(templates).localize(
+        hn_case("validation-pats/pt_202")[0])
+    entry = result["structures"]["SpinalCord"]
+    assert len(entry["sub_boxes_ijk"]) > 1
+    box = np.array(entry["box_ijk"])
+    for sub in entry["sub_boxes_ijk"] + entry["slice_boxes_ijk"]:
+        sub = np.array(sub)
+        assert np.all(sub[0] >= box[0] - 1) and np.all(sub[1] <= box[1] + 1)
+    slices = [s[0][2] for s in entry["slice_boxes_ijk"]]
+    assert slices == sorted(set(slices))  # one box per axial slice
+
+
+def test_cli_localizer_choice_and_option_errors(templates, tmp_path):
+    ct = hn_case("validation-pats/pt_207")[0]
+    out = tmp_path / "boxes.json"
+    env_cmd = [sys.executable, "-m", "MedLSAMLib", "localize", "--template", str(templates[0]), "--image", str(ct),
+               "--out", str(out), "--device", "cpu", "--template-cache", str(tmp_path / "cache")]
+    r = subprocess.run(env_cmd + ["--localizer", "hybrid"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["localizer"]["kind"] == "hybrid" and set(doc["structures"]) == {n for _, n in CORE5}
+    r = subprocess.run(env_cmd + ["--localizer", "hybrid", "--medlam-checkpoint", "x.pt"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["medlsam: error: --medlam-checkpoint is for --localizer medlam, not hybrid"]
+
+
+def test_every_front_end_offers_the_same_localizer_choices():
+    import ast
+    from pathlib import Path
+
+    from MedLSAMLib.localizers import KINDS
+
+    repo = Path(__file__).resolve().parents[2]
+    effect = ast.parse((repo / "MedLSAM" / "SegmentEditorMedLSAMLib" / "SegmentEditorEffect.py").read_text())
+    consts = {t.id: ast.literal_eval(n.value) for n in effect.body if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name) and t.id == "LOCALIZERS"}
+    assert tuple(consts["LOCALIZERS"]) == KINDS
+    module = (repo / "MedLSAM" / "MedLSAM.py").read_text()
+    assert f"localizer: Annotated[str, Choice({list(KINDS)!r})]".replace("'", '"') in module
