@@ -163,10 +163,12 @@ def _cmd_localize(args) -> int:
 def _add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="run the built-in offline demonstration",
                        description="Template from slicerio's sample chest CT segmentation, a small cohort of "
-                       "deformed copies with known truth, 'segment' (MedLAM + LiteMedSAM) and 'evaluate'. Offline.")
+                       "deformed copies with known truth, 'segment' (default localizer + LiteMedSAM) and 'evaluate'. Offline.")
     p.add_argument("--out", default="medlsam-demo", help="output folder (default ./medlsam-demo)")
     p.add_argument("--cases", type=int, default=3, help="number of deformed cases (default 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--localizer", choices=["auto", "hybrid", "medlam", "registration"], default="auto",
+                   help="which localizer (default auto: the most accurate on our benchmark)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -177,18 +179,19 @@ def _cmd_demo(args) -> int:
     from .evaluate import markdown_table
 
     out = Path(args.out)
-    summary = run_demo(out, cases=args.cases, device=args.device)
+    summary = run_demo(out, cases=args.cases, device=args.device, localizer_kind=args.localizer)
     print("\n" + markdown_table(summary["metrics"]))
     print(f"segmentations (open in 3D Slicer): {out / 'results'}/*.seg.nrrd")
     print(f"reports: {out / 'results' / 'evaluation'} (metrics.md, boxplots.png, montage.png); {summary['seconds']:.0f} s")
-    print("note: the cohort is deformed copies of one chest CT (also in the MedLAM checkpoint's training data), "
+    print("note: the cohort is deformed copies of the template's own chest CT, "
           "so this shows the workflow, not accuracy on new patients; see docs/results.md")
     return 0 if summary["batch"]["failed"] == 0 else 1
 
 
 def _add_segment_command(sub) -> None:
     p = sub.add_parser("segment", help="localize and segment template structures in a cohort of CTs",
-                       description="For every CT: MedLAM boxes, then SAM-style segmentation of every slice inside them. "
+                       description="For every CT: boxes from the localizer, then SAM-style segmentation of every slice "
+                       "inside them. "
                        "Writes <case>.seg.nrrd, <case>_labels.nii.gz and <case>.json per case and summary.json.")
     p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
     src = p.add_mutually_exclusive_group(required=True)

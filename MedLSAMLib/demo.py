@@ -2,12 +2,13 @@
 
 The CT and segmentation come from the ``slicerio`` package (a chest CT made in 3D Slicer).
 A template is derived from the segmentation; a small cohort is made of the same CT under known
-random affine deformations, crops and noise, so every case has an exact ground truth. MedLAM
-localizes the template structures in each case and the boxes are scored against the truth.
+random affine deformations, crops and noise, so every case has an exact ground truth. The
+default (hybrid) localizer finds the template structures in each case, LiteMedSAM segments them
+and the masks are scored against the truth.
 
 This shows that the pipeline works end to end. It is not a measure of accuracy on new
-patients: the cohort is one patient, and that CT is part of the shipped checkpoint's training
-data. Held-out accuracy is in docs/results.md.
+patients: the cohort is one patient (the template's own CT, deformed). Held-out accuracy is in
+docs/results.md.
 """
 from __future__ import annotations
 

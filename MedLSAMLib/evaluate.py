@@ -183,13 +183,18 @@ def _montage(path: Path, shown) -> None:
             (r0, c0), (r1, c1) = fg2.min(0) - 12, fg2.max(0) + 12
             ax_plot.set_xlim(max(c0, 0) - 0.5, min(c1, g2.shape[1] - 1) + 0.5)
             ax_plot.set_ylim(min(r1, g2.shape[0] - 1) + 0.5, max(r0, 0) - 0.5)
+        handles = []
         for n, (name, st) in enumerate(rec["structures"].items()):
             color = f"C{n % 10}"
+            g3, p3 = gt.array == st["label"], pred.array == st["label"]
+            score = f"Dice {dice(p3, g3):.2f}" if g3.any() else "not in reference"
+            handles.append(plt.Line2D([], [], color=color, label=f"{name}: {score}"))
             if (g2 == st["label"]).any():
                 ax_plot.contour(g2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2)
             if (p2 == st["label"]).any():
                 ax_plot.contour(p2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2, linestyles="--")
         ax_plot.set_title(f"{case} slice {s}\nreference solid, MedLSAM dashed", fontsize=8)
+        ax_plot.legend(handles=handles, loc="lower center", fontsize=6, framealpha=0.7)  # Dice of the whole 3D mask
         ax_plot.axis("off")
     fig.tight_layout()
     with atomic_path(path) as tmp:

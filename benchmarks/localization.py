@@ -1,8 +1,21 @@
-"""Localization accuracy on held-out head-and-neck CTs: MedLAM vs an affine-registration baseline.
+"""Localization accuracy on held-out head-and-neck CTs: every localizer arm in one run.
 
 Supports: the first N cases of ``support_candidates_core5``; queries: ``dev_eval_core5``.
-Per structure: 3D box IoU and wall distance (mm) against the ground-truth box, mean +- std,
-and seconds per query on this machine. Writes JSON (per case) and a markdown table.
+Arms (the same templates and queries for all):
+
+* ``medlam``: the shipped MedLAM checkpoint (or ``--checkpoint``);
+* ``registration``: SimpleITK affine per template, six points mapped, per-coordinate median;
+* ``deformable``: SimpleITK affine + B-spline (20 mm grid) per template, no time limit, mask
+  points mapped, per-face median: how much a global deformable multi-atlas gets (the ceiling
+  arm; slow, so ``--deformable-limit`` queries only);
+* ``hybrid_global``, ``hybrid_local``: the hybrid localizer's stages in the same run (global
+  affine only; with the per-structure local stage), both the per-face median of all templates,
+  and ``hybrid``: the shipped default (consensus, second start, fusion, clipping to the data).
+
+Per structure: 3D box IoU, wall distance (mm) and the signed error of each box face (mm,
+positive = the box is larger than the truth on that side). Presence: every query is also cropped
+below the brainstem (the brainstem, and with it often the parotids, leave the field of view) and
+the hybrid localizer's misses and false boxes are counted. Seconds per query for every arm.
 
     python benchmarks/localization.py --shared ../shared --out docs/bench/localization
 """
@@ -16,45 +29,119 @@ import time
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from MedLSAMLib.geometry import box_from_points, box_iou, wall_distance
-from MedLSAMLib.io import read_ct, read_labels
+from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk
 from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
+from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.registration import localize_by_registration
-from MedLSAMLib.templates import template_from_labels
 
-CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
-# Paper, StructSeg HaN, 5-shot MedLAM (IoU %, as quoted in the issue): wall distance 2.4-4.0 mm.
+from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+
+# Paper, StructSeg HaN, 5-shot MedLAM (IoU %): wall distance 2.4-4.0 mm.
 PAPER_IOU = {"Brainstem": 70.3, "SpinalCord": 57.7, "RightParotid": 62.7, "LeftParotid": 63.1, "Mandible": 80.9}
+FACES = ["x_lo", "y_lo", "z_lo", "x_hi", "y_hi", "z_hi"]
+
+
+def mask_points(labels: Volume, value: int) -> np.ndarray:
+    kji = np.argwhere(labels.array == value)
+    return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))
 
 
 def gt_box(labels, value):
-    kji = np.argwhere(labels.array == value)
-    return None if len(kji) == 0 else box_from_points(labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float)))
+    pts = mask_points(labels, value)
+    return None if len(pts) == 0 else box_from_points(pts)
 
 
-def score(pred_structures, labels):
+def score_box(box, gt) -> dict:
+    box = np.asarray(box, dtype=float)
+    signed = np.concatenate([gt[0] - box[0], box[1] - gt[1]])  # + = the box is larger on that side
+    return {"iou": box_iou(box, gt), "wd_mm": wall_distance(box, gt), "face_mm": signed.round(2).tolist()}
+
+
+def score(boxes: dict, labels, present: dict | None = None, confidence: dict | None = None) -> dict:
     out = {}
     for value, name in CORE5:
         gt = gt_box(labels, value)
-        p = pred_structures[name]
-        if gt is None:
-            out[name] = {"gt_present": False, "pred_present": p.get("present", True)}
-            continue
-        out[name] = {"gt_present": True, "pred_present": p.get("present", True),
-                     "iou": box_iou(p["box_lps"], gt), "wd_mm": wall_distance(p["box_lps"], gt),
-                     "confidence": p.get("confidence")}
+        entry = {"gt_present": gt is not None, "pred_present": (present or {}).get(name, True)}
+        if gt is not None:
+            entry.update(score_box(boxes[name], gt))
+        if confidence and name in confidence:
+            entry["confidence"] = confidence[name]
+        out[name] = entry
     return out
 
 
-def summarize(per_case, method):
+# --- the deformable ceiling arm ---------------------------------------------------------------------
+def _reg_image(vol: Volume) -> sitk.Image:
+    im = sitk.Cast(to_sitk(vol), sitk.sitkFloat32)
+    return sitk.Clamp(im, sitk.sitkFloat32, -1000.0, 1500.0)
+
+
+def deformable_boxes(template_images, template_labels, query: Volume) -> dict:
+    """Template -> query: affine (Mattes MI) then B-spline (20 mm grid, LBFGS-B) with the template as
+    the fixed image, so the transform maps template points into the query directly."""
+    moving = _reg_image(query)
+    per_structure = {name: [] for _, name in CORE5}
+    for image, labels in zip(template_images, template_labels):
+        fixed = _reg_image(image)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(48)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.1, 2023)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 200, relaxationFactor=0.6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+        reg.SetInitialTransform(sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY), inPlace=False)
+        affine = reg.Execute(fixed, moving)
+        size = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
+        bspline = sitk.BSplineTransformInitializer(fixed, [max(2, int(s / 20.0)) for s in size])
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(48)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.1, 2023)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetMovingInitialTransform(affine)
+        reg.SetInitialTransform(bspline, inPlace=True)
+        reg.SetOptimizerAsLBFGSB(1e-5, 100, 5, 1000)
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.Execute(fixed, moving)
+        full = sitk.CompositeTransform([affine, bspline])
+        for value, name in CORE5:
+            pts = mask_points(labels, value)
+            mapped = np.array([full.TransformPoint(tuple(float(c) for c in p)) for p in pts])
+            per_structure[name].append(box_from_points(mapped))
+    return {name: np.median(np.stack(b), axis=0) for name, b in per_structure.items()}
+
+
+# --- presence on cropped queries ---------------------------------------------------------------------
+def crop_below_brainstem(ct: Volume, labels: Volume) -> tuple[Volume, Volume]:
+    """The CT without the brainstem's slices and everything above them (OpenKBP: k runs head to foot)."""
+    cut = int(np.argwhere(labels.array == 1)[:, 0].max()) + 4
+    size = list(ct.geometry.size)
+    region = ([size[0], size[1], size[2] - cut], [0, 0, cut])
+    return (from_sitk(sitk.RegionOfInterest(to_sitk(ct), *region), ct.name),
+            from_sitk(sitk.RegionOfInterest(to_sitk(labels), *region), labels.name))
+
+
+# --- summary -------------------------------------------------------------------------------------------
+def summarize(per_case, arm):
     rows = {}
     for _, name in CORE5:
-        iou = [c[method][name]["iou"] for c in per_case if c[method][name].get("gt_present")]
-        wd = [c[method][name]["wd_mm"] for c in per_case if c[method][name].get("gt_present")]
+        vals = [c[arm][name] for c in per_case if arm in c and c[arm][name].get("gt_present")]
+        if not vals:
+            continue
+        iou, wd = [v["iou"] for v in vals], [v["wd_mm"] for v in vals]
+        faces = np.array([v["face_mm"] for v in vals])
         rows[name] = {"iou_mean": float(np.mean(iou)), "iou_std": float(np.std(iou)),
-                      "wd_mean": float(np.mean(wd)), "wd_std": float(np.std(wd)), "n": len(iou)}
+                      "wd_mean": float(np.mean(wd)), "wd_std": float(np.std(wd)), "n": len(vals),
+                      "face_mean_mm": faces.mean(0).round(2).tolist(), "face_abs_mm": np.abs(faces).mean(0).round(2).tolist()}
     return rows
 
 
@@ -63,79 +150,142 @@ def main():
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--supports", type=int, default=5)
     ap.add_argument("--checkpoint", default=None, help="MedLAM weights (default: shipped checkpoint)")
-    ap.add_argument("--mode", default="wpl", choices=["wpl", "spl"])
     ap.add_argument("--limit", type=int, default=0, help="only the first N queries (0 = all)")
-    ap.add_argument("--no-registration", action="store_true")
+    ap.add_argument("--arms", nargs="+", default=["medlam", "registration", "deformable", "hybrid"],
+                    choices=["medlam", "registration", "deformable", "hybrid"])
+    ap.add_argument("--deformable-limit", type=int, default=4, help="queries for the slow deformable arm")
     ap.add_argument("--out", default="docs/bench/localization")
     args = ap.parse_args()
     set_cpu_threads()
 
     hn = Path(args.shared) / "data" / "openkbp_hn"
     splits = json.loads((hn / "splits.json").read_text())
-    supports = splits["support_candidates_core5"][: args.supports]
     queries = splits["dev_eval_core5"][: args.limit or None]
     work = Path(tempfile.mkdtemp(prefix="medlsam-bench-"))
-    tdirs = []
-    for case in supports:
-        d = work / Path(case).name
-        template_from_labels(hn / f"{case}_ct.nii.gz", hn / f"{case}_label.nii.gz", CORE5, d)
-        tdirs.append(d)
+    tdirs = support_templates(hn, splits, work, args.supports)
+    names = [n for _, n in CORE5]
+    timing = {}
 
-    loc = TemplateLocalizer(tdirs, mode=args.mode, checkpoint=args.checkpoint, device="cpu")
-    reg_templates = [(t, t.load_image()) for t in loc.templates]
-    per_case = []
+    def timed(arm, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timing.setdefault(arm, []).append(time.perf_counter() - t0)
+        return out
+
+    setup = {}
+    if "medlam" in args.arms:
+        t0 = time.perf_counter()
+        medlam = TemplateLocalizer(tdirs, mode="wpl", checkpoint=args.checkpoint, device="cpu")
+        setup["medlam"] = time.perf_counter() - t0
+    if "hybrid" in args.arms:
+        cache = work / "cache"
+        t0 = time.perf_counter()
+        HybridLocalizer(tdirs, cache_dir=cache)  # prepares the templates and fills the cache
+        setup["hybrid_prepare"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hybrid = HybridLocalizer(tdirs, cache_dir=cache)
+        setup["hybrid_from_cache"] = time.perf_counter() - t0
+    templates = [(t, t.load_image()) for t in (hybrid if "hybrid" in args.arms else medlam).templates] \
+        if ({"registration", "deformable"} & set(args.arms)) else []
+    template_labels = [t.load_labels() for t, _ in templates]
+
+    per_case, presence = [], []
     for n, case in enumerate(queries, 1):
         ct = read_ct(hn / f"{case}_ct.nii.gz")
         labels = read_labels(hn / f"{case}_label.nii.gz")
-        t0 = time.perf_counter()
-        res = loc.localize(ct)
-        t_medlam = time.perf_counter() - t0
-        row = {"case": case, "medlam": score(res["structures"], labels), "medlam_s": t_medlam}
-        if not args.no_registration:
-            t0 = time.perf_counter()
-            reg = localize_by_registration(reg_templates, ct, [n_ for _, n_ in CORE5])
-            row["registration"] = score(reg["structures"], labels)
-            row["registration_s"] = time.perf_counter() - t0
+        row = {"case": case}
+        if "medlam" in args.arms:
+            res = timed("medlam", lambda: medlam.localize(ct))
+            s = res["structures"]
+            row["medlam"] = score({k: v["box_lps"] for k, v in s.items()}, labels,
+                                  {k: v["present"] for k, v in s.items()}, {k: v["confidence"] for k, v in s.items()})
+        if "registration" in args.arms:
+            res = timed("registration", lambda: localize_by_registration(templates, ct, names))
+            row["registration"] = score({k: v["box_lps"] for k, v in res["structures"].items()}, labels)
+        if "deformable" in args.arms and n <= args.deformable_limit:
+            boxes = timed("deformable", lambda: deformable_boxes([img for _, img in templates], template_labels, ct))
+            row["deformable"] = score(boxes, labels)
+        if "hybrid" in args.arms:
+            res = timed("hybrid", lambda: hybrid.localize(ct, keep_stages=True))
+            s = res["structures"]
+            row["hybrid"] = score({k: v["box_lps"] for k, v in s.items()}, labels,
+                                  {k: v["present"] for k, v in s.items()}, {k: v["confidence"] for k, v in s.items()})
+            row["hybrid_timing_s"] = res["timing_s"]
+            # the stages of the same run: global maps only, then + local (median of all templates)
+            row["hybrid_global"] = score({k: v["global"] for k, v in res["stages"].items()}, labels)
+            row["hybrid_local"] = score({k: v["local"] for k, v in res["stages"].items()}, labels)
+            row["hybrid_templates_used"] = res["stages"][names[0]]["templates_used"]
+            row["hybrid_templates_realigned"] = res["stages"][names[0]]["templates_realigned"]
+            cropped_ct, cropped_labels = crop_below_brainstem(ct, labels)
+            c = hybrid.localize(cropped_ct)["structures"]
+            for value, name in CORE5:
+                truly = bool((cropped_labels.array == value).any())
+                presence.append({"case": case, "structure": name, "in_fov": truly, "reported": c[name]["present"]})
         per_case.append(row)
-        print(f"[{n}/{len(queries)}] {case}: MedLAM {t_medlam:.1f} s, mean IoU "
-              f"{np.mean([v['iou'] for v in row['medlam'].values() if 'iou' in v]):.3f}"
-              + (f"; registration {row['registration_s']:.1f} s, mean IoU "
-                 f"{np.mean([v['iou'] for v in row['registration'].values() if 'iou' in v]):.3f}"
-                 if "registration" in row else ""), flush=True)
+        print(f"[{n}/{len(queries)}] {case}: " + ", ".join(
+            f"{arm} {np.mean([v['iou'] for v in row[arm].values() if 'iou' in v]):.3f}"
+            for arm in ("medlam", "registration", "deformable", "hybrid_global", "hybrid_local", "hybrid") if arm in row),
+            flush=True)
 
-    summary = {"medlam": summarize(per_case, "medlam")}
-    if not args.no_registration:
-        summary["registration"] = summarize(per_case, "registration")
-    timing = {"medlam_setup_s": loc.setup_s, "medlam_per_query_s": float(np.mean([r["medlam_s"] for r in per_case]))}
-    if not args.no_registration:
-        timing["registration_per_query_s"] = float(np.mean([r["registration_s"] for r in per_case]))
-    meta = {"supports": supports, "queries": queries, "mode": args.mode, "checkpoint": res["checkpoint"],
+    arms = [a for a in ("medlam", "registration", "deformable", "hybrid_global", "hybrid_local", "hybrid")
+            if any(a in r for r in per_case)]
+    summary = {arm: summarize(per_case, arm) for arm in arms}
+    meta = {"supports": splits["support_candidates_core5"][: args.supports], "queries": queries,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-            "timing": timing}
+            "seconds_per_query": {k: float(np.mean(v)) for k, v in timing.items()},
+            "queries_per_arm": {k: len(v) for k, v in timing.items()}, "setup_s": setup}
+    if presence:
+        meta["presence_on_cropped"] = {
+            "structures_in_fov": sum(p["in_fov"] for p in presence),
+            "missed": [(p["case"], p["structure"]) for p in presence if p["in_fov"] and not p["reported"]],
+            "structures_out_of_fov": sum(not p["in_fov"] for p in presence),
+            "false_boxes": [(p["case"], p["structure"]) for p in presence if not p["in_fov"] and p["reported"]]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "cases": per_case}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "cases": per_case,
+                                                    "presence": presence}, indent=1))
+    out.with_suffix(".md").write_text(markdown(summary, meta, arms) + "\n")
+    print(markdown(summary, meta, arms))
 
-    lines = ["| structure | MedLAM IoU % | MedLAM WD mm | registration IoU % | registration WD mm | paper MedLAM IoU % |",
-             "|---|---|---|---|---|---|"]
+
+LABELS = {"medlam": "MedLAM (shipped)", "registration": "affine registration", "deformable": "affine + B-spline",
+          "hybrid_global": "hybrid: global only", "hybrid_local": "hybrid: + local", "hybrid": "hybrid (default)"}
+
+
+def markdown(summary, meta, arms) -> str:
+    lines = ["| structure | " + " | ".join(f"{LABELS[a]} IoU % / WD mm" for a in arms) + " | paper MedLAM IoU % |",
+             "|---|" + "---|" * (len(arms) + 1)]
     for _, name in CORE5:
-        m = summary["medlam"][name]
-        r = summary.get("registration", {}).get(name)
-        reg = f"{100 * r['iou_mean']:.1f} ± {100 * r['iou_std']:.1f} | {r['wd_mean']:.1f} ± {r['wd_std']:.1f}" if r else "- | -"
-        lines.append(f"| {name} | {100 * m['iou_mean']:.1f} ± {100 * m['iou_std']:.1f} | "
-                     f"{m['wd_mean']:.1f} ± {m['wd_std']:.1f} | {reg} | {PAPER_IOU[name]} |")
-    mean_m = np.mean([summary["medlam"][n]["iou_mean"] for _, n in CORE5])
-    lines.append(f"| **mean** | {100 * mean_m:.1f} | {np.mean([summary['medlam'][n]['wd_mean'] for _, n in CORE5]):.1f} | "
-                 + (f"{100 * np.mean([summary['registration'][n]['iou_mean'] for _, n in CORE5]):.1f} | "
-                    f"{np.mean([summary['registration'][n]['wd_mean'] for _, n in CORE5]):.1f}"
-                    if "registration" in summary else "- | -") + f" | {np.mean(list(PAPER_IOU.values())):.1f} |")
+        cells = []
+        for a in arms:
+            r = summary[a].get(name)
+            cells.append(f"{100 * r['iou_mean']:.1f} / {r['wd_mean']:.1f}" if r else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {PAPER_IOU[name]} |")
+    means = [f"**{100 * np.mean([summary[a][n]['iou_mean'] for n in summary[a]]):.1f} / "
+             f"{np.mean([summary[a][n]['wd_mean'] for n in summary[a]]):.1f}**" for a in arms]
+    lines.append("| **mean** | " + " | ".join(means) + f" | {np.mean(list(PAPER_IOU.values())):.1f} |")
+    lines.append("| queries | " + " | ".join(str(meta["queries_per_arm"].get(a, meta["queries_per_arm"].get("hybrid", "")))
+                                             for a in arms) + " | |")
+    lines.append("| s / query | " + " | ".join(
+        f"{meta['seconds_per_query'][a]:.1f}" if a in meta["seconds_per_query"] else "(in hybrid)" for a in arms) + " | |")
     lines.append("")
-    lines.append(f"Seconds per query (CPU, {meta['machine']}): MedLAM {timing['medlam_per_query_s']:.1f} "
-                 f"(+ {timing['medlam_setup_s']:.1f} once for {len(supports)} templates)"
-                 + (f", registration {timing['registration_per_query_s']:.1f}" if "registration_per_query_s" in timing else "")
-                 + f". {len(queries)} queries, {len(supports)} supports, mode {args.mode}.")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines.append("Signed face errors of the default hybrid localizer, mean over queries, mm (+ = box larger on that side):")
+    lines.append("")
+    lines.append("| structure | " + " | ".join(FACES) + " | mean abs |")
+    lines.append("|---|" + "---|" * (len(FACES) + 1))
+    final = arms[-1]
+    for _, name in CORE5:
+        r = summary[final][name]
+        lines.append(f"| {name} | " + " | ".join(f"{v:+.1f}" for v in r["face_mean_mm"]) + f" | {np.mean(r['face_abs_mm']):.1f} |")
+    if "presence_on_cropped" in meta:
+        p = meta["presence_on_cropped"]
+        lines.append("")
+        lines.append(f"Presence on the cropped queries (hybrid): {len(p['missed'])} missed of {p['structures_in_fov']} "
+                     f"structures in the field of view; {len(p['false_boxes'])} false boxes for the "
+                     f"{p['structures_out_of_fov']} structures cut out of it.")
+    lines.append("")
+    lines.append(f"Machine: {meta['machine']}. Template setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in meta["setup_s"].items()) + ".")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

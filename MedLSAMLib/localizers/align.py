@@ -25,31 +25,33 @@ from ..geometry import Geometry
 class QueryImage:
     """A query CT as a torch volume plus the LPS -> grid_sample coordinate map."""
 
-    data: torch.Tensor  # [1, 1, K, J, I] float32 intensities (already windowed / scaled)
+    data: torch.Tensor  # [1, 2, K, J, I] float32: intensities (windowed, air at 0) and validity (0..1)
     lps_to_norm: torch.Tensor  # [4, 4]: LPS mm -> normalised (x=i, y=j, z=k) in [-1, 1]
     geometry: Geometry
 
     @classmethod
-    def from_array(cls, array_kji: np.ndarray, geometry: Geometry, device="cpu") -> "QueryImage":
+    def from_array(cls, array_kji: np.ndarray, geometry: Geometry, device="cpu",
+                   validity_kji: np.ndarray | None = None) -> "QueryImage":
         size = np.asarray(geometry.size, dtype=float)  # i, j, k
         norm = np.eye(4)
         # align_corners=True: voxel centre 0 -> -1, centre size-1 -> +1.
         norm[:3, :3] = np.diag(2.0 / np.maximum(size - 1, 1))
         norm[:3, 3] = -1.0
         m = norm @ geometry.lps_to_ijk_matrix
-        data = torch.as_tensor(np.ascontiguousarray(array_kji, dtype=np.float32), device=device)[None, None]
+        valid = np.ones_like(array_kji, dtype=np.float32) if validity_kji is None else validity_kji
+        data = torch.as_tensor(np.stack([array_kji, valid]).astype(np.float32), device=device)[None]
         return cls(data, torch.as_tensor(m, dtype=torch.float32, device=device), geometry)
 
     def sample(self, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values at ``lps`` [B, N, 3] and a mask of points inside the image, both [B, N]."""
+        """Values at ``lps`` [B, N, 3] and how much each point has data (inside the image and not
+        on padding, 0..1), both [B, N]."""
         b, n, _ = lps.shape
         norm = lps @ self.lps_to_norm[:3, :3].T + self.lps_to_norm[:3, 3]
-        inside = (norm.abs() <= 1.0).all(dim=-1)
         grid = norm.reshape(b, n, 1, 1, 3)
-        # Zero padding: callers store intensities with air at 0, so outside the scan reads as air.
-        vals = F.grid_sample(self.data.expand(b, -1, -1, -1, -1), grid, mode="bilinear",
-                             padding_mode="zeros", align_corners=True)
-        return vals.reshape(b, n), inside
+        # Zero padding: intensities are stored with air at 0 and validity 0 outside the scan.
+        out = F.grid_sample(self.data.expand(b, -1, -1, -1, -1), grid, mode="bilinear",
+                            padding_mode="zeros", align_corners=True)
+        return out[:, 0].reshape(b, n), out[:, 1].reshape(b, n)
 
 
 @dataclass
@@ -69,7 +71,7 @@ def weighted_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float =
     da, db = a - ma, b - mb
     cov = (w * da * db).sum(1)
     va, vb = (w * da * da).sum(1), (w * db * db).sum(1)
-    return cov / torch.sqrt(va * vb + eps)
+    return cov / torch.sqrt((va * vb).clamp_min(0.0) + eps)
 
 
 def block_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, blocks: torch.Tensor, n_blocks: int,
@@ -89,7 +91,7 @@ def block_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, blocks: torch.T
     mb = torch.gather(bsum(b * w) / wc, 1, blocks)
     da, db = a - ma, b - mb
     cov, va, vb = bsum(w * da * db), bsum(w * da * da), bsum(w * db * db)
-    ncc = cov / torch.sqrt(va * vb + eps)
+    ncc = cov / torch.sqrt((va * vb).clamp_min(0.0) + eps)
     used = (ws > 0.05 * ws.sum(1, keepdim=True) / n_blocks).to(a.dtype)
     return (ncc * used).sum(1) / used.sum(1).clamp_min(1.0)
 
@@ -173,6 +175,11 @@ def align(query: QueryImage, sets: PointSets, pre: torch.Tensor | None = None,
         m[:, :3, 3] = sets.centres + trans - (a @ sets.centres[:, :, None])[..., 0]
         if pre is not None:
             m = pre @ m
+        # A set that diverged (it should not) keeps its starting map and the worst score.
+        bad = ~torch.isfinite(m).all(dim=2).all(dim=1) | ~torch.isfinite(ncc)
+        if bool(bad.any()):
+            m[bad] = pre[bad] if pre is not None else torch.eye(4, device=dev)
+            ncc = torch.where(bad, torch.full_like(ncc, -1.0), ncc)
     return m.detach(), ncc.detach()
 
 

@@ -15,10 +15,15 @@ from ..geometry import box_from_points, box_iou
 
 @dataclass(frozen=True)
 class FusionSettings:
-    # A template whose global alignment scores below max(best - drop_below_best, min_global_match)
-    # is not used at all (a scan of another body region, a failed alignment).
-    drop_below_best: float = 0.3
-    min_global_match: float = 0.2
+    # A template is left out when its boxes agree with the templates' consensus (the per-face
+    # median) less than this: mean IoU over its structures below max(min_agreement,
+    # relative_agreement x the templates' median agreement). Its alignment failed, or it is a
+    # scan of another body region. Measured on the dev set: docs/results.md.
+    min_agreement: float = 0.3
+    relative_agreement: float = 0.7
+    # Fused faces: the mean of the middle values (the lowest and highest dropped) when at least
+    # this many templates vote, else the median.
+    trimmed_from: int = 4
     # A structure is reported absent when less than this fraction of its fused box lies inside
     # the query's field of view.
     min_inside_fraction: float = 0.5
@@ -32,18 +37,25 @@ class FusedBox:
     agreement: float  # mean IoU of the voting boxes with the fused box, 0..1
 
 
-def usable_templates(global_scores: np.ndarray, settings: FusionSettings) -> np.ndarray:
-    """Indices of the templates whose global alignment is good enough to vote."""
-    best = float(np.max(global_scores))
-    floor = max(best - settings.drop_below_best, settings.min_global_match)
-    keep = np.flatnonzero(global_scores >= floor)
-    return keep if len(keep) else np.array([int(np.argmax(global_scores))])
+def consensus_templates(boxes: np.ndarray, settings: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the templates that vote, each template's agreement) from boxes [T, S, 2, 3]:
+    one box per template and structure."""
+    n_t, n_s = boxes.shape[:2]
+    median = np.median(boxes, axis=0)
+    agreement = np.array([np.mean([box_iou(boxes[t, s], median[s]) for s in range(n_s)]) for t in range(n_t)])
+    floor = max(settings.min_agreement, settings.relative_agreement * float(np.median(agreement)))
+    keep = np.flatnonzero(agreement >= floor)
+    return (keep if len(keep) else np.arange(n_t)), agreement
 
 
-def fuse_boxes(boxes: np.ndarray, used: np.ndarray) -> FusedBox:
-    """Per-face median of ``boxes[used]`` ([T, 2, 3] LPS)."""
+def fuse_boxes(boxes: np.ndarray, used: np.ndarray, trimmed_from: int = 4) -> FusedBox:
+    """One box from ``boxes[used]`` ([T, 2, 3] LPS): per face, the trimmed mean (lowest and highest
+    value dropped) when at least ``trimmed_from`` templates vote, else the median."""
     votes = boxes[used]
-    fused = np.median(votes, axis=0)
+    if len(votes) >= trimmed_from:
+        fused = np.sort(votes, axis=0)[1:-1].mean(axis=0)
+    else:
+        fused = np.median(votes, axis=0)
     fused[1] = np.maximum(fused[1], fused[0])
     ious = np.array([box_iou(b, fused) for b in votes])
     return FusedBox(fused, used, int(used[int(np.argmax(ious))]), float(np.mean(ious)))

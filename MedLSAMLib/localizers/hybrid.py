@@ -6,8 +6,9 @@
 2. **Local**: per template x structure, the structure's neighbourhood (its extent + 20 mm, 2 mm
    points) gets its own affine correction on top of the global one (all pairs in one batch).
 3. **Fusion**: each pair maps the template's structure shape (mask voxels, or its six points)
-   into the query; the boxes are fused per face by the median over the templates whose global
-   alignment is good enough (a template of another body region does not vote).
+   into the query. A template whose boxes disagree with the consensus of all templates is left
+   out (its alignment failed, or it shows another body region); the others are fused per face
+   (trimmed mean, or median for fewer than four).
 4. **Shape**: the voting template whose box is closest to the fused one lends its mapped shape,
    fitted into the fused box: sub-part boxes (SPL) and one box per axial slice come from it.
 
@@ -27,8 +28,8 @@ from ..geometry import Geometry, box_from_points, box_lps_to_ijk
 from ..io import Volume, read_ct
 from ..templates import Template, extreme_points_of_cloud, load_template
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
-from .fusion import (FusedBox, FusionSettings, confidence, fit_shape, fuse_boxes, inside_fraction,
-                     usable_templates)
+from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, fit_shape, fuse_boxes,
+                     inside_fraction)
 from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
 from .working import HU_RANGE, working_image
 
@@ -84,12 +85,13 @@ class HybridLocalizer:
             fine = self._query_image(volume, st.local_spacing_mm, st.local_sigma_mm, st.local_hu_range)
         t_prep = time.perf_counter()
         global_maps, global_scores = self._global(volume.geometry, search, coarse)
+        first_global = global_maps.cpu().numpy().copy()  # as the global stage left them (stage report)
         t_global = time.perf_counter()
-        used = usable_templates(global_scores.cpu().numpy(), self.fusion)
-        local_maps, local_scores = self._local(fine, global_maps, used)
+        local_maps, local_scores = self._local(fine, global_maps, range(len(self.prepared)))
+        realigned = self._realign_outliers(fine, global_maps, local_maps, local_scores) if st.realign_outliers else []
         t_local = time.perf_counter()
-        result = self._assemble(volume.geometry, used, global_maps.cpu().numpy(), global_scores.cpu().numpy(),
-                                local_maps, local_scores, keep_stages)
+        result = self._assemble(volume.geometry, _data_extent(fine), first_global, global_scores.cpu().numpy(),
+                                local_maps, local_scores, keep_stages, realigned)
         t_end = time.perf_counter()
         timing = {"read": t_read - t0, "preprocess": t_prep - t_read, "global": t_global - t_prep,
                   "local": t_local - t_global, "fuse": t_end - t_local, "templates_setup": self.setup_s,
@@ -106,14 +108,14 @@ class HybridLocalizer:
         }
 
     def _query_image(self, volume: Volume, spacing: float, sigma: float, hu_range=HU_RANGE) -> QueryImage:
-        arr, geo = working_image(volume, spacing, sigma, hu_range)
-        return QueryImage.from_array(arr, geo, self.device)
+        arr, valid, geo = working_image(volume, spacing, sigma, hu_range)
+        return QueryImage.from_array(arr, geo, self.device, valid)
 
     def _global(self, geometry: Geometry, search: QueryImage, coarse: QueryImage):
         """One affine per template (template LPS -> query LPS) and its blockwise NCC."""
         st, dev = self.settings, self.device
         rng = np.random.default_rng(st.seed)
-        body = torch.nonzero(coarse.data[0, 0] > 100.0).cpu().numpy()
+        body = torch.nonzero((coarse.data[0, 0] > 100.0) & (coarse.data[0, 1] > 0.5)).cpu().numpy()
         if len(body) < 100:
             raise InputError("no body found in the image (is it empty or all air?)")
         q_centroid = coarse.geometry.ijk_to_lps(body[:, ::-1].astype(float)).mean(0)
@@ -134,13 +136,16 @@ class HybridLocalizer:
         start = torch.eye(4, device=dev).repeat(n_t * n_z, 1, 1)
         start[:, :3, 3] = _tensor(np.array(shifts), dev)
         with torch.no_grad():
+            # NCC over the points that land on data, times their share: a start that matches well
+            # but keeps little of the template on the scan does not win.
             v, inside = search.sample(sets.points + start[:, None, :3, 3])
-            score = weighted_ncc(sets.values, v, inside.float()) * inside.float().mean(1)
+            score = weighted_ncc(sets.values, v, inside) * inside.mean(1)
         keep = min(st.search_keep, n_z)
         top = (torch.arange(n_t, device=dev)[:, None] * n_z + score.reshape(n_t, n_z).topk(keep, dim=1).indices).reshape(-1)
         sets = PointSets(sets.points[top], sets.values[top], sets.weights[top], sets.centres[top])
         moved, moved_score = align(search, sets, start[top], AlignSettings(
-            iterations=30, lr_translation_mm=3.0, translation_only_iterations=30, block_mm=st.block_mm))
+            iterations=30, lr_translation_mm=3.0, translation_only_iterations=30, block_mm=st.block_mm,
+            ignore_outside=st.global_ignore_outside))
         best = moved_score.reshape(n_t, keep).argmax(1)
         start = moved.reshape(n_t, keep, 4, 4)[torch.arange(n_t, device=dev), best]
         # 2. one affine per template on the 4 mm image.
@@ -150,16 +155,16 @@ class HybridLocalizer:
                          _tensor(np.stack([p.centroid for p in self.prepared]), dev))
         return align(coarse, sets, start, AlignSettings(
             iterations=st.global_iterations, lr_translation_mm=2.0, max_scale_change=st.global_max_scale,
-            translation_only_iterations=10, block_mm=st.block_mm))
+            translation_only_iterations=10, block_mm=st.block_mm, ignore_outside=st.global_ignore_outside))
 
-    def _local(self, fine: QueryImage, global_maps: torch.Tensor, used: np.ndarray):
-        """One affine per (used template, structure), on top of that template's global map."""
+    def _local(self, fine: QueryImage, global_maps: torch.Tensor, templates):
+        """One affine per (template, structure), on top of that template's global map."""
         st, dev = self.settings, self.device
-        pairs = [(int(t), name) for t in used for name in self.structures]
+        pairs = [(t, name) for t in templates for name in self.structures]
         structs = [self.prepared[t].structures[name] for t, name in pairs]
         sets = PointSets(_tensor(np.stack([s.points for s in structs]), dev),
                          _tensor(np.stack([s.values for s in structs]), dev),
-                         torch.ones(len(pairs), st.local_points, device=dev),
+                         _tensor(np.stack([s.weights for s in structs]), dev),
                          _tensor(np.stack([s.centre for s in structs]), dev))
         maps, scores = align(fine, sets, global_maps[[t for t, _ in pairs]], AlignSettings(
             iterations=st.local_iterations, lr_translation_mm=1.0, lr_linear=0.01,
@@ -168,33 +173,63 @@ class HybridLocalizer:
         maps, scores = maps.cpu().numpy().astype(float), scores.cpu().numpy()
         return ({pair: maps[n] for n, pair in enumerate(pairs)}, {pair: float(scores[n]) for n, pair in enumerate(pairs)})
 
+    def _realign_outliers(self, fine: QueryImage, global_maps: torch.Tensor, local_maps: dict, local_scores: dict):
+        """Give a template whose global alignment failed a second start: the affine that takes its
+        structure boxes onto the other templates' consensus boxes, then the local stage again.
+        Updates the maps in place; returns the indices of the templates realigned."""
+        boxes = self._boxes(local_maps)
+        used, _ = consensus_templates(boxes, self.fusion)
+        outliers = [t for t in range(len(self.prepared)) if t not in set(used)]
+        if not outliers or len(used) < 2:
+            return []
+        consensus = np.stack([fuse_boxes(boxes[:, s], used, self.fusion.trimmed_from).box
+                              for s in range(len(self.structures))])
+        target = np.concatenate([_corners(b) for b in consensus])
+        for t in outliers:
+            own = np.concatenate([_corners(box_from_points(self.prepared[t].structures[n].shape)) for n in self.structures])
+            global_maps[t] = _tensor(_fit_affine(own, target), self.device)
+        maps, scores = self._local(fine, global_maps, outliers)
+        local_maps.update(maps)
+        local_scores.update(scores)
+        return outliers
+
+    def _boxes(self, local_maps: dict) -> np.ndarray:
+        """[T, S, 2, 3]: each template's box of each structure in the query (LPS)."""
+        return np.stack([[box_from_points(apply_affine(local_maps[(t, n)], self.prepared[t].structures[n].shape))
+                          for n in self.structures] for t in range(len(self.prepared))])
+
     # -- result --------------------------------------------------------------------------------
-    def _assemble(self, geometry: Geometry, used, global_maps, global_scores, local_maps, local_scores,
-                  keep_stages: bool) -> dict:
-        fov = box_from_points(geometry.corners_lps())
+    def _assemble(self, geometry: Geometry, fov: np.ndarray, global_maps, global_scores, local_maps, local_scores,
+                  keep_stages: bool, realigned=()) -> dict:
+        """``fov``: the LPS box of the query's data; boxes are clipped to it and presence is judged in it."""
         n_t = len(self.prepared)
+        shapes = {(t, name): apply_affine(local_maps[(t, name)], self.prepared[t].structures[name].shape)
+                  for t in range(n_t) for name in self.structures}
+        boxes = self._boxes(local_maps)
+        used, agreement = consensus_templates(boxes, self.fusion)
         out, stages = {}, {}
-        for name in self.structures:
-            shapes = {t: apply_affine(local_maps[(t, name)], self.prepared[t].structures[name].shape) for t in used}
-            boxes = np.stack([box_from_points(shapes[t]) if t in shapes else np.zeros((2, 3)) for t in range(n_t)])
-            fused = fuse_boxes(boxes, used)
+        for s, name in enumerate(self.structures):
+            fused = fuse_boxes(boxes[:, s], used, self.fusion.trimmed_from)
             match = float(np.median([local_scores[(t, name)] for t in used]))
             frac = inside_fraction(fused.box, fov)
             present = frac >= self.fusion.min_inside_fraction
-            out[name] = self._structure_entry(name, geometry, fov, fused, shapes[fused.medoid], present,
+            out[name] = self._structure_entry(name, geometry, fov, fused, shapes[(fused.medoid, name)], present,
                                               match, frac, len(used), n_t,
                                               self.prepared[fused.medoid].structures[name].from_mask)
             if keep_stages:
                 global_boxes = np.stack([box_from_points(apply_affine(global_maps[t], self.prepared[t].structures[name].shape))
                                          for t in range(n_t)])
                 stages[name] = {
-                    "global_all": np.median(global_boxes, 0).tolist(),
-                    "global": np.median(global_boxes[used], 0).tolist(),
-                    "local": fused.box.tolist(),
-                    "per_template_local": {self.prepared[t].name: boxes[t].tolist() for t in used},
+                    "global": np.median(global_boxes, 0).tolist(),
+                    "local": np.median(boxes[:, s], 0).tolist(),
+                    "final": fused.box.tolist(),
+                    "per_template_local": {p.name: boxes[t, s].tolist() for t, p in enumerate(self.prepared)},
                     "per_template_global": {p.name: b.tolist() for p, b in zip(self.prepared, global_boxes)},
-                    "global_scores": [round(float(s), 4) for s in global_scores],
-                    "local_scores": {self.prepared[t].name: round(local_scores[(t, name)], 4) for t in used},
+                    "global_scores": [round(float(v), 4) for v in global_scores],
+                    "local_scores": {p.name: round(local_scores[(t, name)], 4) for t, p in enumerate(self.prepared)},
+                    "template_agreement": [round(float(v), 4) for v in agreement],
+                    "templates_used": [self.prepared[t].name for t in used],
+                    "templates_realigned": [self.prepared[t].name for t in realigned],
                 }
         return {"structures": out, "stages": stages}
 
@@ -227,6 +262,31 @@ class HybridLocalizer:
         if self.mode == "spl" and not from_mask:
             entry["note"] = "SPL needs template label maps; used one box (WPL)"
         return entry
+
+
+def _data_extent(image: QueryImage) -> np.ndarray:
+    """LPS box of the query's voxels that hold data (not padding): a structure can only be seen
+    there. Some data sets blank everything outside a region (OpenKBP): that region counts, not
+    the whole grid."""
+    kji = torch.nonzero(image.data[0, 1] > 0.5).cpu().numpy()
+    if len(kji) == 0:
+        return box_from_points(image.geometry.corners_lps())
+    index_box = np.stack([kji.min(0)[::-1], kji.max(0)[::-1]]).astype(float)  # ijk
+    return box_from_points(image.geometry.ijk_to_lps(_corners(index_box)))
+
+
+def _corners(box: np.ndarray) -> np.ndarray:
+    """The 8 corners of a (2, 3) box."""
+    return np.array([[box[i, 0], box[j, 1], box[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+
+
+def _fit_affine(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least-squares (4, 4) affine taking ``source`` points (N, 3) onto ``target``."""
+    design = np.hstack([source, np.ones((len(source), 1))])
+    solution, *_ = np.linalg.lstsq(design, target, rcond=None)  # (4, 3)
+    m = np.eye(4)
+    m[:3, :] = solution.T
+    return m
 
 
 def _slab_boxes(shape: np.ndarray, n_parts: int) -> list[np.ndarray]:

@@ -33,22 +33,24 @@ class HybridSettings:
     # Global stage: the template region around its structures, aligned to the whole query.
     roi_margin_mm: float = 50.0
     global_spacing_mm: float = 4.0
-    global_points: int = 20000
+    global_points: int = 10000
     search_points: int = 3000  # first, translation-only search on an 8 mm smoothed image
     search_step_mm: float = 15.0  # head-foot start positions tried over the query's extent
     search_keep: int = 3
     block_mm: float = 40.0  # blockwise NCC (see align.block_ncc)
-    global_iterations: int = 100
+    global_iterations: int = 80
     global_max_scale: float = 0.15
+    global_ignore_outside: bool = False  # True stretched maps on this data set (docs/results.md)
     # Local stage: each structure's neighbourhood, one affine per template x structure.
     local_spacing_mm: float = 2.0
     local_margin_mm: float = 20.0
-    local_points: int = 6000
+    local_points: int = 4000
     local_sigma_mm: float = 1.0
     local_hu_range: tuple[float, float] = SOFT_TISSUE_RANGE
     local_iterations: int = 80
     local_max_scale: float = 0.35
-    local_final_lr: float = 1.0
+    local_final_lr: float = 0.1  # cosine decay of the local step sizes: +0.6 IoU points on dev (docs)
+    realign_outliers: bool = True  # a template left out of the consensus gets a second start
     shape_points: int = 4000  # mask voxels kept per structure (a uniform subsample)
     seed: int = 2023
 
@@ -61,6 +63,7 @@ class PreparedStructure:
     centre: np.ndarray  # (3,) LPS, centre of the structure's extent (the local affine's centre)
     points: np.ndarray  # (N, 3) neighbourhood points
     values: np.ndarray  # (N,) template working values at them
+    weights: np.ndarray  # (N,) their validity (0 on the template's padding)
     shape: np.ndarray  # (M, 3) LPS points whose bounding box is the structure (mask voxels or 6 points)
     from_mask: bool
 
@@ -75,10 +78,12 @@ class PreparedTemplate:
     structures: dict[str, PreparedStructure] = field(default_factory=dict)
 
 
-def _values_at(array: np.ndarray, geometry, points: np.ndarray) -> np.ndarray:
-    image = QueryImage.from_array(array, geometry)
-    vals, _ = image.sample(torch.as_tensor(points, dtype=torch.float32)[None])
-    return vals[0].numpy()
+def _values_at(working, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values and validity of a working image (see working.working_image) at LPS points."""
+    array, valid, geometry = working
+    image = QueryImage.from_array(array, geometry, validity_kji=valid)
+    vals, ok = image.sample(torch.as_tensor(points, dtype=torch.float32)[None])
+    return vals[0].numpy(), ok[0].numpy()
 
 
 def _mask_cloud(labels: Volume, value: int) -> np.ndarray:
@@ -98,18 +103,18 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     roi_lo = np.maximum(np.min([e[0] for e in extents], 0) - settings.roi_margin_mm, fov[0])
     roi_hi = np.minimum(np.max([e[1] for e in extents], 0) + settings.roi_margin_mm, fov[1])
 
-    g_arr, g_geo = working_image(image, settings.global_spacing_mm, settings.global_spacing_mm)
-    s_arr, s_geo = working_image(image, 2 * settings.global_spacing_mm, 8.0)
+    coarse = working_image(image, settings.global_spacing_mm, settings.global_spacing_mm)
+    search = working_image(image, 2 * settings.global_spacing_mm, 8.0)
     pts = grid_points(roi_lo, roi_hi, settings.global_spacing_mm)
-    vals = _values_at(g_arr, g_geo, pts)
-    body = np.flatnonzero(vals > 100.0)  # tissue (and its blurred edge), not air
+    vals, valid = _values_at(coarse, pts)
+    body = np.flatnonzero((vals > 100.0) & (valid > 0.5))  # tissue (and its blurred edge), not air or padding
     if len(body) < 100:
         raise InputError(f"template {template.name}: no body found around its structures (is the image empty?)")
     centroid = pts[body].mean(0)
     keep = body[rng.choice(len(body), settings.global_points, replace=len(body) < settings.global_points)]
-    prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(s_arr, s_geo, pts[keep]), centroid)
+    prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(search, pts[keep])[0], centroid)
 
-    l_arr, l_geo = working_image(image, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
+    fine = working_image(image, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
         if labels is not None:
@@ -122,11 +127,13 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
         box = box_from_points(shape)
         p = grid_points(box[0] - settings.local_margin_mm, box[1] + settings.local_margin_mm, settings.local_spacing_mm)
         p = p[rng.choice(len(p), settings.local_points, replace=len(p) < settings.local_points)]
-        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, _values_at(l_arr, l_geo, p), shape, from_mask)
+        values, valid = _values_at(fine, p)
+        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, values, valid, shape, from_mask)
     return prepared
 
 
 # --- disk cache ------------------------------------------------------------------------------
+CACHE_FORMAT = 2  # bump when PreparedTemplate changes
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
@@ -145,7 +152,7 @@ def cache_key(template: Template, names: list[str], settings: HybridSettings) ->
     d = template.directory
     files = [d / MANIFEST] + sorted(p for p in d.glob("*.mrk.json")) if d else []
     files += [template.image_path] + ([template.labels_path] if template.labels_path else [])
-    parts = {"version": __version__, "names": list(names), "settings": settings.key(),
+    parts = {"version": __version__, "format": CACHE_FORMAT, "names": list(names), "settings": settings.key(),
              "files": [[Path(f).name, _file_digest(Path(f))] for f in files if Path(f).is_file()]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -157,6 +164,7 @@ def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
     for n, name in enumerate(names):
         s = prepared.structures[name]
         arrays.update({f"s{n}_centre": s.centre, f"s{n}_points": s.points, f"s{n}_values": s.values,
+                       f"s{n}_weights": s.weights,
                        f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask)})
     arrays["meta"] = np.array(json.dumps({"name": prepared.name, "structures": names}))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +181,8 @@ def load_prepared(path: Path) -> PreparedTemplate:
                                     z["centroid"])
         for n, name in enumerate(meta["structures"]):
             prepared.structures[name] = PreparedStructure(z[f"s{n}_centre"], z[f"s{n}_points"], z[f"s{n}_values"],
-                                                          z[f"s{n}_shape"], bool(z[f"s{n}_from_mask"]))
+                                                          z[f"s{n}_weights"], z[f"s{n}_shape"],
+                                                          bool(z[f"s{n}_from_mask"]))
     return prepared
 
 

@@ -29,20 +29,42 @@ def coarse_geometry(geometry: Geometry, spacing_mm: float) -> Geometry:
     return Geometry(geometry.origin, spacing, geometry.direction, tuple(int(s) for s in size))
 
 
+def padding_value(array: np.ndarray) -> float | None:
+    """The value that marks voxels with no data, if the scan has one: its minimum, when at least 5 %
+    of the voxels hold exactly it (scanner padding outside the reconstruction circle, or a data set
+    that blanked everything outside a region, as OpenKBP did). Genuine air is noisy and rarely
+    exactly the minimum over such a share of the scan."""
+    low = float(array.min())
+    return low if np.count_nonzero(array == low) >= 0.05 * array.size else None
+
+
 def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
-                  hu_range: tuple[float, float] = HU_RANGE) -> tuple[np.ndarray, Geometry]:
-    """(array [k, j, i] float32, geometry): clamped, shifted, smoothed by ``sigma_mm``, resampled."""
+                  hu_range: tuple[float, float] = HU_RANGE) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """(values, validity, geometry) on the working grid, arrays [k, j, i] float32.
+
+    values: HU clamped to ``hu_range``, shifted so the low end is 0, smoothed by ``sigma_mm``.
+    validity: 1 where the scan has data, 0 on padding (see :func:`padding_value`), smoothed alike;
+    the alignment leaves points on padding out of its similarity instead of reading them as air.
+    """
     image = sitk.Cast(to_sitk(volume), sitk.sitkFloat32)
+    pad = padding_value(volume.array)
+    valid = volume.array != pad if pad is not None else np.ones(volume.array.shape, bool)
+    mask = sitk.GetImageFromArray(valid.astype(np.float32))
+    mask.CopyInformation(image)
     image = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]), float(hu_range[1])) - float(hu_range[0])
     if sigma_mm > 0:
         image = sitk.SmoothingRecursiveGaussian(image, float(sigma_mm))
+        mask = sitk.SmoothingRecursiveGaussian(mask, float(sigma_mm))
     target = coarse_geometry(volume.geometry, spacing_mm)
-    if target.is_close(volume.geometry):
-        return sitk.GetArrayFromImage(image).astype(np.float32, copy=False), volume.geometry
-    ref = sitk.Image([int(s) for s in target.size], sitk.sitkUInt8)
-    apply_geometry(ref, target)
-    out = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out), target
+    if not target.is_close(volume.geometry):
+        ref = sitk.Image([int(s) for s in target.size], sitk.sitkUInt8)
+        apply_geometry(ref, target)
+        image = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        mask = sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    else:
+        target = volume.geometry
+    # Recursive Gaussians ring slightly: validity must stay a weight in [0, 1].
+    return sitk.GetArrayFromImage(image), np.clip(sitk.GetArrayFromImage(mask), 0.0, 1.0), target
 
 
 def grid_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> np.ndarray:

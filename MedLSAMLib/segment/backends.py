@@ -157,7 +157,7 @@ def check_segmenter_args(name: str, checkpoint=None) -> None:
     if name == "litemedsam" and checkpoint:
         raise InputError("--checkpoint is for sam-vit-b / medsam-vit-b; LiteMedSAM uses its shipped weights")
     if name != "litemedsam" and not checkpoint:
-        raise InputError(f"--segmenter {name} needs --checkpoint PATH (ViT-B weights are not shipped)")
+        raise InputError(f"--segmenter {name} needs --segmenter-checkpoint PATH (ViT-B weights are not shipped)")
 
 
 def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu") -> PromptSegmenter:

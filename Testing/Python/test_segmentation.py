@@ -92,7 +92,7 @@ def test_sam_vit_b_plumbing_with_random_weights(tmp_path):
     torch.save({"image_encoder.foo": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(InputError, match="does not match SAM ViT-B"):
         load_segmenter("sam-vit-b", tmp_path / "wrong.pth")
-    with pytest.raises(InputError, match="needs --checkpoint"):
+    with pytest.raises(InputError, match="needs --segmenter-checkpoint"):
         load_segmenter("sam-vit-b")
 
 
