@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import pytest
 
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import Volume
+
+# Prepared templates go to a throw-away cache, never into the user's ~/.cache (subprocesses inherit it).
+os.environ["MEDLSAM_CACHE"] = tempfile.mkdtemp(prefix="medlsam-test-cache-")
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MEDLSAM_SHARED", REPO.parent / "shared"))

@@ -41,7 +41,7 @@ except AttributeError as exc:
 
 logic = MedLSAM.MedLSAMLogic()
 p = logic.getParameterNode()
-out["defaults"] = {"mode": p.mode, "segmenter": p.segmenter, "device": p.device}
+out["defaults"] = {"localizer": p.localizer, "mode": p.mode, "segmenter": p.segmenter, "device": p.device}
 p.mode = "wpl"
 out["mode_persisted"] = logic.getParameterNode().mode
 try:

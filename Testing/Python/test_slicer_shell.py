@@ -30,13 +30,13 @@ def test_module_metadata_and_effect_registration(shell):
     assert shell["startup_connections"] == [["startupCompleted()", "registerEditorEffect"]]
     e = shell["effect"]
     assert (e["name"], e["perSegment"], e["requireSegments"]) == ("MedLSAM", False, True)
-    assert e["defaults"] == {"TemplateFolder": ""} and e["help_mentions_apply"] and e["icon_exists"]
+    assert e["defaults"] == {"TemplateFolder": "", "Localizer": "auto"} and e["help_mentions_apply"] and e["icon_exists"]
     assert e["clone_source"] == "SegmentEditorEffect.py"
     assert e["strict"].startswith("not faked: scriptedEffect.sourceVolumeImageDatas")  # typos fail loudly
 
 
 def test_logic_parameters_and_template_structures(shell):
-    assert shell["defaults"] == {"mode": "spl", "segmenter": "litemedsam", "device": "auto"}
+    assert shell["defaults"] == {"localizer": "auto", "mode": "spl", "segmenter": "litemedsam", "device": "auto"}
     assert shell["mode_persisted"] == "wpl" and "not one of" in shell["bad_mode"]
     assert shell["template_volumes"] == ["template ct"]
     assert shell["structures"] == ["Brainstem", "Mandible"]
