@@ -46,13 +46,14 @@ def build_template_and_cohort(scene, work_dir, cases: int = 2, seed: int = 3, st
             "work_dir": work_dir}
 
 
-def check_cohort_results(scene, scenario: dict, results: list[dict], segmenter=None, mode: str = "wpl") -> list[str]:
+def check_cohort_results(scene, scenario: dict, results: list[dict], segmenter=None, mode: str = "wpl",
+                         localizer_kind: str = "auto") -> list[str]:
     """Problems found (empty = pass): every case ok; one segmentation per volume named
     '<volume> MedLSAM' with one segment per structure; present structures non-empty; masks equal
     (Dice >= 0.99) to what the command-line pipeline writes for the same files."""
     from MedLSAMLib.evaluate import dice
     from MedLSAMLib.io import read_labels
-    from MedLSAMLib.localize import TemplateLocalizer
+    from MedLSAMLib.localizers import LocalizerSpec
     from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
     from MedLSAMLib.segment.backends import load_segmenter
 
@@ -60,7 +61,8 @@ def check_cohort_results(scene, scenario: dict, results: list[dict], segmenter=N
     for r in results:
         if r["status"] != "ok":
             problems.append(f"{r['volume']}: {r['status']} {r.get('error', '')}")
-    localizer = TemplateLocalizer([scenario["template"]], mode=mode, device="auto")
+    # its own localizer, built the way the command line builds it (never shared with the code under test)
+    localizer = LocalizerSpec(localizer_kind, mode, device="auto").build([scenario["template"]])
     cli = run_cohort(CohortSegmenter(localizer, segmenter or load_segmenter("litemedsam", device=localizer.device)),
                      scenario["files"], scenario["work_dir"] / "cli", show_progress=False)
     if cli["counts"]["ok"] != len(scenario["files"]):
