@@ -233,3 +233,15 @@ def parse_structure_spec(spec: str) -> tuple[int, str]:
     if not sep or not label.strip().isdigit() or not name.strip():
         raise InputError(f"--structure {spec!r}: expected LABEL:NAME, e.g. 1:Brainstem")
     return int(label), check_structure_name(name.strip())
+
+
+def load_template_set(template_dirs, structures: list[str] | None = None) -> tuple[list[Template], list[str]]:
+    """Templates (folders or already loaded) and the structure names to localize: the given ones,
+    else the first template's; every template must define all of them (one-line error if not)."""
+    templates = [t if isinstance(t, Template) else load_template(t) for t in template_dirs]
+    if not templates:
+        raise InputError("give at least one --template")
+    names = list(structures or templates[0].structures)
+    for t in templates:
+        t.require(names)
+    return templates, names

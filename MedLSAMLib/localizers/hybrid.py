@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..geometry import Geometry, box_from_points, box_lps_to_ijk
 from ..io import Volume, read_ct
-from ..templates import Template, extreme_points_of_cloud, load_template
+from ..templates import extreme_points_of_cloud, load_template_set
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
 from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, fit_shape, fuse_boxes,
                      inside_fraction)
@@ -56,12 +56,7 @@ class HybridLocalizer:
         self.device = torch.device(device)
         self.settings = settings or HybridSettings()
         self.fusion = fusion or FusionSettings()
-        self.templates: list[Template] = [t if isinstance(t, Template) else load_template(t) for t in template_dirs]
-        if not self.templates:
-            raise InputError("give at least one --template")
-        self.structures = list(structures or self.templates[0].structures)
-        for t in self.templates:
-            t.require(self.structures)
+        self.templates, self.structures = load_template_set(template_dirs, structures)
         cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
         self.cache_dir = cache
         loaded = [prepare_cached(t, self.structures, self.settings, cache) for t in self.templates]

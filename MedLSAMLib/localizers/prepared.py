@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import InputError
 from ..geometry import box_from_points
 from ..io import Volume
+from ..medlam.checkpoint import sha256
 from ..templates import MANIFEST, Template
 from .align import QueryImage
 from .working import SOFT_TISSUE_RANGE, grid_points, working_image
@@ -138,14 +139,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(template: Template, names: list[str], settings: HybridSettings) -> str:
     """SHA256 over the template's files (manifest, markups, image, labels), the names, the settings
     and the MedLSAM version: any change to any of them gives another key."""
@@ -153,7 +146,7 @@ def cache_key(template: Template, names: list[str], settings: HybridSettings) ->
     files = [d / MANIFEST] + sorted(p for p in d.glob("*.mrk.json")) if d else []
     files += [template.image_path] + ([template.labels_path] if template.labels_path else [])
     parts = {"version": __version__, "format": CACHE_FORMAT, "names": list(names), "settings": settings.key(),
-             "files": [[Path(f).name, _file_digest(Path(f))] for f in files if Path(f).is_file()]}
+             "files": [[Path(f).name, sha256(f)] for f in files if Path(f).is_file()]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
 from ..geometry import box_from_points
 from ..io import Volume, read_ct
 from ..registration import localize_by_registration
-from ..templates import Template, load_template
+from ..templates import load_template_set
 from .fusion import fuse_boxes
 
 
@@ -24,12 +23,7 @@ class RegistrationLocalizer:
         t0 = time.perf_counter()
         self.mode = mode
         self.device = torch.device("cpu")  # SimpleITK runs on the CPU
-        self.templates: list[Template] = [t if isinstance(t, Template) else load_template(t) for t in template_dirs]
-        if not self.templates:
-            raise InputError("give at least one --template")
-        self.structures = list(structures or self.templates[0].structures)
-        for t in self.templates:
-            t.require(self.structures)
+        self.templates, self.structures = load_template_set(template_dirs, structures)
         self.images = [t.load_image() for t in self.templates]
         self.setup_s = time.perf_counter() - t0
 
