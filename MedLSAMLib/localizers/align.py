@@ -115,9 +115,9 @@ def align(query: QueryImage, sets: PointSets, pre: torch.Tensor | None = None,
     """Optimise one affine per set; returns (matrices [B, 4, 4] in LPS, final NCC [B]).
 
     ``pre`` ([B, 4, 4], optional) is applied *after* the optimised affine: the points go
-    set -> local affine -> ``pre`` -> query. The global stage passes none; the local stage passes
-    each template's global affine, so that the local affine is a small correction around the
-    structure in the template's own frame.
+    set -> optimised affine -> ``pre`` -> query. The global stage passes its start positions; the
+    local stage passes each template's global affine, so that the local affine is a small
+    correction around the structure in the template's own frame.
     """
     s = settings or AlignSettings()
     b = sets.points.shape[0]

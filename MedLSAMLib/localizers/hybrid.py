@@ -200,7 +200,7 @@ class HybridLocalizer:
         n_t = len(self.prepared)
         shapes = {(t, name): apply_affine(local_maps[(t, name)], self.prepared[t].structures[name].shape)
                   for t in range(n_t) for name in self.structures}
-        boxes = self._boxes(local_maps)
+        boxes = np.stack([[box_from_points(shapes[(t, n)]) for n in self.structures] for t in range(n_t)])
         used, agreement = consensus_templates(boxes, self.fusion)
         out, stages = {}, {}
         for s, name in enumerate(self.structures):
