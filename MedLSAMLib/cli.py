@@ -189,6 +189,8 @@ def _cmd_demo(args) -> int:
 
 
 def _add_segment_command(sub) -> None:
+    from .segment.slices import SegmentOptions  # its defaults are the CLI's
+
     p = sub.add_parser("segment", help="localize and segment template structures in a cohort of CTs",
                        description="For every CT: boxes from the localizer, then SAM-style segmentation of every slice "
                        "inside them. "
@@ -210,6 +212,13 @@ def _add_segment_command(sub) -> None:
     p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running scheduler, e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, metavar="N",
                    help="with --executor dask and no --scheduler: a local cluster of N worker processes (default 1)")
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto",
+                   help="image encoder runtime: auto (default) = OpenVINO for LiteMedSAM on CPU, else torch")
+    p.add_argument("--slice-step", type=int, default=SegmentOptions.slice_step, metavar="K",
+                   help=f"encode every K-th slice of a structure (and its first, middle and last) and interpolate "
+                   f"the others (default {SegmentOptions.slice_step}; 1 = every slice)")
+    p.add_argument("--prompt", choices=["shape", "box"], default=SegmentOptions.prompt,
+                   help="shape (default): one box per slice from the localized shape; box: the 3D box on every slice")
     p.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes slice by slice")
     p.add_argument("--allow-overlap", action="store_true",
@@ -231,13 +240,15 @@ def _cmd_segment(args) -> int:
     check_segmenter_args(args.segmenter, args.checkpoint)
     if args.executor == "local" and (args.scheduler or args.workers):
         raise InputError("--scheduler and --workers are for --executor dask")
+    if args.slice_step < 1:
+        raise InputError("--slice-step must be 1 or more")
     options = SegmentOptions(largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
-                             resolve_overlaps=not args.allow_overlap)
+                             resolve_overlaps=not args.allow_overlap, slice_step=args.slice_step, prompt=args.prompt)
     if args.executor == "dask":
         from .cluster import CohortRecipe, run_cohort_dask
 
         recipe = CohortRecipe(tuple(str(Path(t).resolve()) for t in args.template), _localizer_spec(args),
-                              partial(load_segmenter, args.segmenter, args.checkpoint), options)
+                              partial(load_segmenter, args.segmenter, args.checkpoint, runtime=args.runtime), options)
         summary = run_cohort_dask(recipe, images, Path(args.out), resume=args.resume, scheduler=args.scheduler,
                                   workers=args.workers)
         from .templates import load_template
@@ -249,7 +260,7 @@ def _cmd_segment(args) -> int:
         localizer = _localizer_spec(args).build(args.template)
         if localizer.device.type == "cpu":
             print("note: running on CPU", file=sys.stderr)
-        segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device)
+        segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device, args.runtime)
         summary = run_cohort(CohortSegmenter(localizer, segmenter, options), images, Path(args.out),
                              resume=args.resume)
         names = localizer.structures

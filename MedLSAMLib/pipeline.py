@@ -35,6 +35,14 @@ class CaseResult:
     traceback: str | None = None  # for unexpected errors only (bugs), not for user errors
 
 
+def prompt_boxes(structure: dict, prompt: str) -> list:
+    """The ijk boxes that prompt the segmenter for one localized structure: its per-slice boxes
+    (``prompt="shape"``, when the localizer mapped a shape), else its (sub-)boxes."""
+    if prompt == "shape" and structure.get("slice_boxes_ijk"):
+        return structure["slice_boxes_ijk"]
+    return structure["sub_boxes_ijk"]
+
+
 def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
     return {"seg": out_dir / f"{case}.seg.nrrd", "labels": out_dir / f"{case}_labels.nii.gz",
             "json": out_dir / f"{case}.json"}
@@ -71,7 +79,8 @@ class CohortSegmenter:
         for name, r in loc["structures"].items():
             if r["present"]:
                 s = self.structures[name]
-                requests.append(StructureRequest(name, s.label, r["sub_boxes_ijk"], s.window or SAM_WINDOW))
+                requests.append(StructureRequest(name, s.label, prompt_boxes(r, self.options.prompt),
+                                                 s.window or SAM_WINDOW))
         labels, stats, timing = segment_volume(volume, requests, self.segmenter, self.options, progress)
         for name, r in loc["structures"].items():
             r.update(stats.get(name, {"voxels": 0}))
@@ -89,12 +98,17 @@ class CohortSegmenter:
         case = case_name(image_path)
         t0 = time.perf_counter()
         volume = read_ct(image_path)
+        t_read = time.perf_counter()
         labels, record = self.segment_volume(volume, progress)
         paths = output_paths(out_dir, case)
         label_volume = volume.with_array(labels.astype(np.uint16 if labels.max() > 255 else np.uint8))
+        t_write = time.perf_counter()
         write_volume(label_volume, paths["labels"])
         write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color}
                                           for s in self.structures.values()], paths["seg"])
+        record["timing_s"]["write"] = round(time.perf_counter() - t_write, 3)
+        record["timing_s"]["read"] = round(t_read - t0, 3)
+        record["timing_s"]["total"] = round(time.perf_counter() - t0, 3)  # read + localize + segment + write
         record.update({"case": case, "status": "ok", "outputs": {k: p.name for k, p in paths.items()}})
         write_text_atomic(paths["json"], json.dumps(record, indent=1) + "\n")  # last: marks the case complete
         return CaseResult(case, str(image_path), "ok", time.perf_counter() - t0,

@@ -5,12 +5,13 @@ Arms (the same templates and queries for all):
 
 * ``medlam``: the shipped MedLAM checkpoint (or ``--checkpoint``);
 * ``registration``: SimpleITK affine per template, six points mapped, per-coordinate median;
-* ``deformable``: SimpleITK affine + B-spline (30 mm control grid) per template, mask points
-  mapped, per-face median: what a global deformable multi-atlas gets, with no time budget (the
-  ceiling arm; minutes per template pair here, so ``--deformable-limit`` queries only);
+* ``deformable``: greedy (picsl-greedy) affine + deformable per template, label map warped onto
+  the query, per-face median: what a deformable multi-atlas gets with no time budget (the
+  ceiling arm; about 20 s per template pair here);
 * ``hybrid_global``, ``hybrid_local``: the hybrid localizer's stages in the same run (global
-  affine only; with the per-structure local stage), both the per-face median of all templates,
-  and ``hybrid``: the shipped default (consensus, second start, fusion, clipping to the data).
+  affine only; with the per-structure local stage), both the per-face median of all templates;
+  ``hybrid_closed``: the fused box clipped to the data without open faces extended, and
+  ``hybrid``: the shipped default (consensus, second start, fusion, open faces, clipping).
 
 Per structure: 3D box IoU, wall distance (mm) and the signed error of each box face (mm,
 positive = the box is larger than the truth on that side). Presence: every query is also cropped
@@ -22,8 +23,11 @@ the hybrid localizer's misses and false boxes are counted. Seconds per query for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk
 from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.registration import localize_by_registration
+from MedLSAMLib.templates import load_template_set
 
 from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
 
@@ -80,44 +85,44 @@ def _reg_image(vol: Volume) -> sitk.Image:
     return sitk.Clamp(im, sitk.sitkFloat32, -1000.0, 1500.0)
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Greedy prints every iteration from C++ straight to file descriptor 1."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def deformable_boxes(template_images, template_labels, query: Volume) -> dict:
-    """Template -> query: affine (Mattes MI) then B-spline (30 mm grid, LBFGS-B) with the template as
-    the fixed image, so the transform maps template points into the query directly."""
-    moving = _reg_image(query)
+    """Multi-atlas with deformable registration (picsl-greedy): per template, affine (NCC 4^3, three
+    levels) then greedy diffeomorphic (NCC 2^3, 100x50x10 iterations), the template's label map
+    warped onto the query (nearest neighbour), one box per structure; per-face median over
+    templates. SimpleITK's B-spline took over 4 minutes for the five pairs of one query here;
+    greedy takes about 20 s a pair (docs/localizer.md)."""
+    from picsl_greedy import Greedy3D  # benchmark-only dependency: pip install picsl-greedy
+
+    fixed = _reg_image(query)
     per_structure = {name: [] for _, name in CORE5}
     for image, labels in zip(template_images, template_labels):
-        fixed = _reg_image(image)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(48)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.05, 2023)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 200, relaxationFactor=0.6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([4, 2])
-        reg.SetSmoothingSigmasPerLevel([2.0, 1.0])
-        reg.SetInitialTransform(sitk.CenteredTransformInitializer(
-            fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY), inPlace=False)
-        affine = reg.Execute(fixed, moving)
-        size = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
-        bspline = sitk.BSplineTransformInitializer(fixed, [max(2, int(s / 30.0)) for s in size])
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(48)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.05, 2023)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetMovingInitialTransform(affine)
-        reg.SetInitialTransform(bspline, inPlace=True)
-        reg.SetOptimizerAsLBFGSB(1e-5, 50, 5, 1000)
-        reg.SetShrinkFactorsPerLevel([4, 2])
-        reg.SetSmoothingSigmasPerLevel([2.0, 1.0])
-        reg.Execute(fixed, moving)
-        full = sitk.CompositeTransform([affine, bspline])
+        g = Greedy3D()
+        with _quiet_stdout():
+            g.execute("-i fixed moving -a -dof 12 -ia-image-centers -n 100x50x0 -m NCC 4x4x4 -o affine",
+                      fixed=fixed, moving=_reg_image(image), affine=None)
+            g.execute("-i fixed moving -it affine -n 100x50x10 -m NCC 2x2x2 -s 2.0vox 0.5vox -o warp", warp=None)
+            g.execute("-rf fixed -ri NN -rm atlas warped -r warp affine",
+                      atlas=sitk.Cast(to_sitk(labels), sitk.sitkUInt8), warped=None)
+        warped = from_sitk(g["warped"], "warped")
         for value, name in CORE5:
-            pts = mask_points(labels, value)
-            mapped = np.array([full.TransformPoint(tuple(float(c) for c in p)) for p in pts])
-            per_structure[name].append(box_from_points(mapped))
-    return {name: np.median(np.stack(b), axis=0) for name, b in per_structure.items()}
+            box = gt_box(warped, value)
+            if box is not None:
+                per_structure[name].append(box)
+    return {name: np.median(np.stack(b), axis=0) for name, b in per_structure.items() if b}
 
 
 # --- presence on cropped queries ---------------------------------------------------------------------
@@ -153,7 +158,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="only the first N queries (0 = all)")
     ap.add_argument("--arms", nargs="+", default=["medlam", "registration", "deformable", "hybrid"],
                     choices=["medlam", "registration", "deformable", "hybrid"])
-    ap.add_argument("--deformable-limit", type=int, default=4, help="queries for the slow deformable arm")
+    ap.add_argument("--deformable-limit", type=int, default=0, help="queries for the slow deformable arm (0 = all)")
     ap.add_argument("--out", default="docs/bench/localization")
     args = ap.parse_args()
     set_cpu_threads()
@@ -185,7 +190,7 @@ def main():
         t0 = time.perf_counter()
         hybrid = HybridLocalizer(tdirs, cache_dir=cache)
         setup["hybrid_from_cache"] = time.perf_counter() - t0
-    templates = [(t, t.load_image()) for t in (hybrid if "hybrid" in args.arms else medlam).templates] \
+    templates = [(t, t.load_image()) for t in load_template_set(tdirs)[0]] \
         if ({"registration", "deformable"} & set(args.arms)) else []
     template_labels = [t.load_labels() for t, _ in templates]
 
@@ -202,7 +207,7 @@ def main():
         if "registration" in args.arms:
             res = timed("registration", lambda: localize_by_registration(templates, ct, names))
             row["registration"] = score({k: v["box_lps"] for k, v in res["structures"].items()}, labels)
-        if "deformable" in args.arms and n <= args.deformable_limit:
+        if "deformable" in args.arms and (not args.deformable_limit or n <= args.deformable_limit):
             boxes = timed("deformable", lambda: deformable_boxes([img for _, img in templates], template_labels, ct))
             row["deformable"] = score(boxes, labels)
         if "hybrid" in args.arms:
@@ -214,6 +219,7 @@ def main():
             # the stages of the same run: global maps only, then + local (median of all templates)
             row["hybrid_global"] = score({k: v["global"] for k, v in res["stages"].items()}, labels)
             row["hybrid_local"] = score({k: v["local"] for k, v in res["stages"].items()}, labels)
+            row["hybrid_closed"] = score({k: v["closed_faces"] for k, v in res["stages"].items()}, labels)
             row["hybrid_templates_used"] = res["stages"][names[0]]["templates_used"]
             row["hybrid_templates_realigned"] = res["stages"][names[0]]["templates_realigned"]
             cropped_ct, cropped_labels = crop_below_brainstem(ct, labels)
@@ -224,10 +230,10 @@ def main():
         per_case.append(row)
         print(f"[{n}/{len(queries)}] {case}: " + ", ".join(
             f"{arm} {np.mean([v['iou'] for v in row[arm].values() if 'iou' in v]):.3f}"
-            for arm in ("medlam", "registration", "deformable", "hybrid_global", "hybrid_local", "hybrid") if arm in row),
+            for arm in ("medlam", "registration", "deformable", "hybrid_global", "hybrid_local", "hybrid_closed", "hybrid") if arm in row),
             flush=True)
 
-    arms = [a for a in ("medlam", "registration", "deformable", "hybrid_global", "hybrid_local", "hybrid")
+    arms = [a for a in ("medlam", "registration", "deformable", "hybrid_global", "hybrid_local", "hybrid_closed", "hybrid")
             if any(a in r for r in per_case)]
     summary = {arm: summarize(per_case, arm) for arm in arms}
     meta = {"supports": splits["support_candidates_core5"][: args.supports], "queries": queries,
@@ -248,8 +254,9 @@ def main():
     print(markdown(summary, meta, arms))
 
 
-LABELS = {"medlam": "MedLAM (shipped)", "registration": "affine registration", "deformable": "affine + B-spline",
-          "hybrid_global": "hybrid: global only", "hybrid_local": "hybrid: + local", "hybrid": "hybrid (default)"}
+LABELS = {"medlam": "MedLAM (shipped)", "registration": "affine registration", "deformable": "deformable multi-atlas (greedy)",
+          "hybrid_global": "hybrid: global only", "hybrid_local": "hybrid: + local",
+          "hybrid_closed": "hybrid: fused, faces closed", "hybrid": "hybrid (default)"}
 
 
 def markdown(summary, meta, arms) -> str:

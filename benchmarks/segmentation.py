@@ -1,29 +1,42 @@
-"""Segmentation quality and speed on held-out head-and-neck CTs (LiteMedSAM).
+"""Segmentation quality and speed on the 16 held-out head-and-neck CTs (LiteMedSAM).
 
-* MedLAM boxes (5 templates from ``support_candidates_core5``) vs the paper's "manual prompt"
-  upper bound: a ground-truth box on every slice of the structure, each side pushed out by a
-  random 0-20 px at the 1024 scale. Dice and HD95 per structure; empty predictions count as
-  Dice 0.
-* Speed on one case: seconds per case and per slice with the per-slice embedding cache and
-  without it (one encoder pass per structure and slice, as the reference does); peak RSS.
+Same 5 templates (the first support candidates) and the default hybrid localizer for every arm;
+every arm sees the same localization of a case.
 
-    python benchmarks/segmentation.py --shared ../shared --limit 16 --out docs/bench/segmentation
+* ``pipeline``: ``medlsam segment``'s own path (``CohortSegmenter.segment_case``: localize,
+  segment, write the three files) with the default options; seconds by stage from its
+  ``<case>.json``. Its label map, read back from disk, is scored.
+* ``shape k=K``: per-slice prompts from the localized shape, every K-th slice encoded (the
+  curve of Dice against K); ``box k=D``: the 3D box's footprint on every slice (the old prompt)
+  at the default step D.
+* ``manual``: the paper's upper bound, a ground-truth box on every slice of the structure, each
+  side pushed out by a random 0-20 px at the 1024 scale, every slice encoded.
+
+Dice and HD95 per structure (an empty prediction counts as Dice 0). Resumable: rows are kept in
+``OUT.partial.json`` and ``--resume`` does only the cases missing there.
+
+    python benchmarks/segmentation.py --shared ../shared --out docs/bench/segmentation
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from MedLSAMLib.evaluate import dice, hd95
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
-from MedLSAMLib.pipeline import CohortSegmenter
+from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.localizers import LocalizerSpec
+from MedLSAMLib.pipeline import CohortSegmenter, prompt_boxes
+from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
@@ -50,6 +63,11 @@ def manual_prompt_requests(labels, rng) -> list[StructureRequest]:
     return out
 
 
+def localized_requests(localization: dict, prompt: str) -> list[StructureRequest]:
+    return [StructureRequest(name, r["label"], prompt_boxes(r, prompt), SAM_WINDOW)
+            for name, r in localization["structures"].items() if r["present"]]
+
+
 def scores(labels, pred, spacing_kji) -> dict:
     out = {}
     for value, name in CORE5:
@@ -61,13 +79,16 @@ def scores(labels, pred, spacing_kji) -> dict:
     return out
 
 
+def mean_dice(arm_scores: dict) -> float:
+    return float(np.mean([v["dice"] for v in arm_scores.values()]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--limit", type=int, default=16)
-    ap.add_argument("--mode", default="wpl", choices=["wpl", "spl"])
-    ap.add_argument("--speed-slices", type=int, default=0,
-                    help="time the cache comparison on the first N slices of each box only (0 = all)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4], help="slice steps of the curve")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"])
     ap.add_argument("--out", default="docs/bench/segmentation")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of an interrupted run (OUT.partial.json) and do only the cases it lacks")
@@ -77,66 +98,102 @@ def main():
     splits = json.loads((hn / "splits.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="medlsam-segbench-"))
     tdirs = support_templates(hn, splits, work)
-    loc = TemplateLocalizer(tdirs, mode=args.mode, device="cpu")
-    seg = load_segmenter("litemedsam", device="cpu")
-    cohort = CohortSegmenter(loc, seg)
+
+    t0 = time.perf_counter()
+    seg = load_segmenter("litemedsam", device="cpu", runtime=args.runtime)
+    load_segmenter_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    localizer = LocalizerSpec(cache_dir=str(work / "cache")).build(tdirs)
+    prepare_templates_s = time.perf_counter() - t0
+    defaults = SegmentOptions()
+    cohort = CohortSegmenter(localizer, seg, defaults)
     rng = np.random.default_rng(0)
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")  # rows so far, so a long run that dies can be read
+    queries = splits["dev_eval_core5"][: args.limit]
     rows = json.loads(partial.read_text()) if args.resume and partial.is_file() else []
-    rows = [r for r in rows if r["case"] in splits["dev_eval_core5"][: args.limit]]
+    rows = [r for r in rows if r["case"] in queries]
     done = {r["case"] for r in rows}
-    for n, case in enumerate(splits["dev_eval_core5"][: args.limit], 1):
+    for n, case in enumerate(queries, 1):
         if case in done:
             continue
-        ct = read_ct(hn / f"{case}_ct.nii.gz")
-        labels = read_labels(hn / f"{case}_label.nii.gz")
+        ct_path = hn / f"{case}_ct.nii.gz"
+        ct, labels = read_ct(ct_path), read_labels(hn / f"{case}_label.nii.gz")
         sp = labels.geometry.spacing[::-1]
-        t0 = time.perf_counter()
-        pred, record = cohort.segment_volume(ct)
-        t_auto = time.perf_counter() - t0
-        manual, _, _ = segment_volume(ct, manual_prompt_requests(labels, rng), seg, SegmentOptions(margin_px_at_1024=0))
-        rows.append({"case": case, "medlam": scores(labels, pred, sp), "manual": scores(labels, manual, sp),
-                     "seconds": t_auto, "slices": record["timing_s"]["slices"]})
-        print(f"[{n}] {case}: {t_auto:.1f} s, MedLAM+LiteMedSAM mean Dice "
-              f"{np.mean([v['dice'] for v in rows[-1]['medlam'].values()]):.3f}, manual prompt "
-              f"{np.mean([v['dice'] for v in rows[-1]['manual'].values()]):.3f}", flush=True)
+        row = {"case": case, "arms": {}, "timing_s": {}}
+
+        # the product's own path, files included
+        case_dir = work / "out"
+        result = cohort.segment_case(ct_path, case_dir)
+        record = json.loads((case_dir / f"{result.case}.json").read_text())
+        row["timing_s"]["pipeline"] = record["timing_s"]
+        row["timing_s"]["pipeline_wall"] = result.seconds
+        pipeline_labels = read_labels(case_dir / f"{result.case}_labels.nii.gz").array
+        row["arms"]["pipeline"] = scores(labels, pipeline_labels, sp)
+
+        localization = localizer.localize(ct)
+        for step in args.steps:
+            pred, _, timing = segment_volume(ct, localized_requests(localization, "shape"), seg,
+                                             replace(defaults, prompt="shape", slice_step=step))
+            row["arms"][f"shape_k{step}"] = scores(labels, pred, sp)
+            row["timing_s"][f"shape_k{step}"] = timing
+        pred, _, timing = segment_volume(ct, localized_requests(localization, "box"), seg,
+                                         replace(defaults, prompt="box"))
+        row["arms"][f"box_k{defaults.slice_step}"] = scores(labels, pred, sp)
+        row["timing_s"][f"box_k{defaults.slice_step}"] = timing
+        manual, _, timing = segment_volume(ct, manual_prompt_requests(labels, rng), seg,
+                                           SegmentOptions(margin_px_at_1024=0))
+        row["arms"]["manual"] = scores(labels, manual, sp)
+        row["timing_s"]["manual"] = timing
+        rows.append(row)
+        print(f"[{n}/{len(queries)}] {case}: pipeline {result.seconds:.1f} s, Dice " + ", ".join(
+            f"{arm} {mean_dice(s):.3f}" for arm, s in row["arms"].items()), flush=True)
         partial.write_text(json.dumps(rows, indent=1))
 
-    # speed: one case with and without the embedding cache
-    ct = read_ct(hn / f"{splits['dev_eval_core5'][0]}_ct.nii.gz")
-    res = loc.localize(ct)
-    reqs = [StructureRequest(n, r["label"], r["sub_boxes_ijk"]) for n, r in res["structures"].items() if r["present"]]
-    if args.speed_slices:  # axial axis of these files is k
-        for r in reqs:
-            r.boxes_ijk = [[b[0], [b[1][0], b[1][1], min(b[1][2], b[0][2] + args.speed_slices - 1)]] for b in r.boxes_ijk]
-    speed = {}
-    for cache in (True, False):
-        t0 = time.perf_counter()
-        _, _, timing = segment_volume(ct, reqs, seg, use_cache=cache)
-        speed["cache" if cache else "no_cache"] = {"seconds": time.perf_counter() - t0, "slices": timing["slices"],
-                                                   "encode_s": timing["encode"], "decode_s": timing["decode"]}
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    lines = ["| structure | MedLAM + LiteMedSAM Dice % | HD95 mm | manual prompt + LiteMedSAM Dice % | HD95 mm | paper MedLAM + MedSAM Dice % |",
-             "|---|---|---|---|---|---|"]
-    for _, name in CORE5:
-        m = [r["medlam"][name] for r in rows if name in r["medlam"]]
-        g = [r["manual"][name] for r in rows if name in r["manual"]]
-        fmt = lambda xs, k: f"{np.nanmean([x[k] for x in xs]) * (100 if k == 'dice' else 1):.1f} ± {np.nanstd([x[k] for x in xs]) * (100 if k == 'dice' else 1):.1f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt(m, 'dice')} | {fmt(m, 'hd95')} | {fmt(g, 'dice')} | {fmt(g, 'hd95')} | {PAPER_DSC[name]} |")
-    c, nc = speed["cache"], speed["no_cache"]
-    lines += ["", f"{len(rows)} queries, mode {args.mode}. Mean seconds per case (localize + segment, CPU): "
-              f"{np.mean([r['seconds'] for r in rows]):.1f}.",
-              "", "| segmentation of one case | seconds | slices | seconds per slice |", "|---|---|---|---|",
-              f"| embedding cached per slice | {c['seconds']:.1f} | {c['slices']} | {c['seconds'] / max(c['slices'], 1):.2f} |",
-              f"| one encoder pass per structure (reference) | {nc['seconds']:.1f} | {nc['slices']} | {nc['seconds'] / max(nc['slices'], 1):.2f} |",
-              "", f"Peak RSS of this process: {peak_rss_mb:.0f} MB" + (" (a --resume run)." if args.resume else ".")]
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "speed": speed, "peak_rss_mb": peak_rss_mb}, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    meta = {"queries": len(rows), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads", "segmenter": seg.describe(), "default_options": defaults.__dict__,
+            "load_segmenter_s": load_segmenter_s, "prepare_templates_s": prepare_templates_s,
+            "peak_rss_mb": peak_rss_mb}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
     partial.unlink(missing_ok=True)
-    print("\n".join(lines))
+    print(markdown(rows, meta))
+
+
+def markdown(rows, meta) -> str:
+    arms = list(rows[0]["arms"])
+    fmt = lambda xs, k: f"{np.nanmean(xs) * (100 if k == 'dice' else 1):.1f}"  # noqa: E731
+    lines = ["| structure | " + " | ".join(f"{a} Dice % / HD95 mm" for a in arms) + " | paper MedLAM + MedSAM Dice % |",
+             "|---|" + "---|" * (len(arms) + 1)]
+    for _, name in CORE5:
+        cells = []
+        for a in arms:
+            vals = [r["arms"][a][name] for r in rows if name in r["arms"][a]]
+            cells.append(f"{fmt([v['dice'] for v in vals], 'dice')} / {fmt([v['hd95'] for v in vals], 'hd95')}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {PAPER_DSC[name]} |")
+    lines.append("| **mean** | " + " | ".join(
+        f"**{100 * np.mean([mean_dice(r['arms'][a]) for r in rows]):.1f}**" for a in arms) + " | |")
+    lines += ["", "Seconds per case by arm (segmentation only; localization once per case, below):", "",
+              "| arm | slices encoded | interpolated | encode s | decode s | interpolate s | post s |", "|---|---|---|---|---|---|---|"]
+    for a in arms:
+        if a == "pipeline":
+            continue
+        t = [r["timing_s"][a] for r in rows]
+        lines.append(f"| {a} | {np.mean([x['slices'] for x in t]):.1f} | {np.mean([x.get('interpolated_slices', 0) for x in t]):.1f} | "
+                     f"{np.mean([x['encode'] for x in t]):.2f} | {np.mean([x['decode'] for x in t]):.2f} | "
+                     f"{np.mean([x.get('interpolate', 0) for x in t]):.2f} | {np.mean([x['postprocess'] for x in t]):.2f} |")
+    p = [r["timing_s"]["pipeline"] for r in rows]
+    keys = [k for k in ("localize", "encode", "decode", "interpolate", "postprocess", "write", "total") if k in p[0]]
+    lines += ["", "The pipeline (`medlsam segment`'s path, default options), seconds per case, mean (max):", "",
+              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+              "| " + " | ".join(f"{np.mean([x[k] for x in p]):.1f} ({np.max([x[k] for x in p]):.1f})" for k in keys) + " |",
+              "", f"{meta['queries']} queries; {meta['machine']}; segmenter {meta['segmenter']['name']} on "
+              f"{meta['segmenter']['runtime']}. Loading the segmenter {meta['load_segmenter_s']:.1f} s, preparing the "
+              f"templates {meta['prepare_templates_s']:.1f} s (once per run). Peak RSS {meta['peak_rss_mb']:.0f} MB."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

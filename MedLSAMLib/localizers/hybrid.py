@@ -28,8 +28,8 @@ from ..geometry import Geometry, box_from_points, box_lps_to_ijk
 from ..io import Volume, read_ct
 from ..templates import extreme_points_of_cloud, load_template_set
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
-from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, fit_shape, fuse_boxes,
-                     inside_fraction)
+from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, extend_open_faces, fit_shape,
+                     fuse_boxes, inside_fraction)
 from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
 from .working import HU_RANGE, working_image
 
@@ -205,8 +205,11 @@ class HybridLocalizer:
         out, stages = {}, {}
         for s, name in enumerate(self.structures):
             fused = fuse_boxes(boxes[:, s], used, self.fusion.trimmed_from)
+            frac = inside_fraction(fused.box, fov)  # judged before open faces reach the data's end
+            open_votes = np.stack([self.prepared[t].structures[name].open_faces for t in used])
+            closed = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
+            fused.box = extend_open_faces(fused.box, open_votes, fov, self.fusion.open_face_share)
             match = float(np.median([local_scores[(t, name)] for t in used]))
-            frac = inside_fraction(fused.box, fov)
             present = frac >= self.fusion.min_inside_fraction
             out[name] = self._structure_entry(name, geometry, fov, fused, shapes[(fused.medoid, name)], present,
                                               match, frac, len(used), n_t,
@@ -217,6 +220,7 @@ class HybridLocalizer:
                 stages[name] = {
                     "global": np.median(global_boxes, 0).tolist(),
                     "local": np.median(boxes[:, s], 0).tolist(),
+                    "closed_faces": closed.tolist(),  # the final box without extend_open_faces
                     "final": fused.box.tolist(),
                     "per_template_local": {p.name: boxes[t, s].tolist() for t, p in enumerate(self.prepared)},
                     "per_template_global": {p.name: b.tolist() for p, b in zip(self.prepared, global_boxes)},

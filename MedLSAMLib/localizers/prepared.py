@@ -22,7 +22,7 @@ from ..io import Volume
 from ..medlam.checkpoint import sha256
 from ..templates import MANIFEST, Template
 from .align import QueryImage
-from .working import SOFT_TISSUE_RANGE, grid_points, working_image
+from .working import SOFT_TISSUE_RANGE, grid_points, padding_value, working_image
 
 import torch  # noqa: E402  (after the package imports: torch is the slow one)
 
@@ -53,6 +53,10 @@ class HybridSettings:
     local_final_lr: float = 0.1  # cosine decay of the local step sizes: +0.6 IoU points on dev (docs)
     realign_outliers: bool = True  # a template left out of the consensus gets a second start
     shape_points: int = 4000  # mask voxels kept per structure (a uniform subsample)
+    # A structure face within this many voxels of the end of the template's data is "open": the
+    # scan cut the structure there (a spinal cord contoured to the last slice), so the template
+    # cannot say where it ends. See fusion.extend_open_faces.
+    open_face_voxels: float = 2.5
     seed: int = 2023
 
     def key(self) -> dict:
@@ -67,6 +71,7 @@ class PreparedStructure:
     weights: np.ndarray  # (N,) their validity (0 on the template's padding)
     shape: np.ndarray  # (M, 3) LPS points whose bounding box is the structure (mask voxels or 6 points)
     from_mask: bool
+    open_faces: np.ndarray  # (2, 3) bool, per box face: the template's data ends there (cut by the scan)
 
 
 @dataclass
@@ -90,6 +95,19 @@ def _values_at(working, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _mask_cloud(labels: Volume, value: int) -> np.ndarray:
     kji = np.argwhere(labels.array == value)
     return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))
+
+
+def data_box(volume: Volume) -> np.ndarray:
+    """LPS box of the voxels that hold data (padding excluded, see working.padding_value)."""
+    pad = padding_value(volume.array)
+    if pad is None:
+        return box_from_points(volume.geometry.corners_lps())
+    kji = np.argwhere(volume.array != pad)
+    if len(kji) == 0:
+        return box_from_points(volume.geometry.corners_lps())
+    lo, hi = kji.min(0)[::-1], kji.max(0)[::-1]
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float)
+    return box_from_points(volume.geometry.ijk_to_lps(corners))
 
 
 def prepare_template(template: Template, names: list[str], settings: HybridSettings) -> PreparedTemplate:
@@ -116,6 +134,8 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(search, pts[keep])[0], centroid)
 
     fine = working_image(image, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
+    data = data_box(image)
+    tolerance = settings.open_face_voxels * (np.abs(image.geometry.direction) @ image.geometry.spacing)  # per LPS axis
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
         if labels is not None:
@@ -129,12 +149,13 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
         p = grid_points(box[0] - settings.local_margin_mm, box[1] + settings.local_margin_mm, settings.local_spacing_mm)
         p = p[rng.choice(len(p), settings.local_points, replace=len(p) < settings.local_points)]
         values, valid = _values_at(fine, p)
-        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, values, valid, shape, from_mask)
+        open_faces = np.abs(box - data) <= tolerance
+        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, values, valid, shape, from_mask, open_faces)
     return prepared
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 2  # bump when PreparedTemplate changes
+CACHE_FORMAT = 3  # bump when PreparedTemplate changes
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
@@ -158,7 +179,8 @@ def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
         s = prepared.structures[name]
         arrays.update({f"s{n}_centre": s.centre, f"s{n}_points": s.points, f"s{n}_values": s.values,
                        f"s{n}_weights": s.weights,
-                       f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask)})
+                       f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask),
+                       f"s{n}_open_faces": s.open_faces})
     arrays["meta"] = np.array(json.dumps({"name": prepared.name, "structures": names}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -175,7 +197,7 @@ def load_prepared(path: Path) -> PreparedTemplate:
         for n, name in enumerate(meta["structures"]):
             prepared.structures[name] = PreparedStructure(z[f"s{n}_centre"], z[f"s{n}_points"], z[f"s{n}_values"],
                                                           z[f"s{n}_weights"], z[f"s{n}_shape"],
-                                                          bool(z[f"s{n}_from_mask"]))
+                                                          bool(z[f"s{n}_from_mask"]), z[f"s{n}_open_faces"])
     return prepared
 
 

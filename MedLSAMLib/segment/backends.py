@@ -31,9 +31,27 @@ class PromptSegmenter:
     name = "abstract"
     input_size = 1024
 
+    convertible = False  # whether the image encoder can run on another CPU runtime (runtimes.py)
+
     def __init__(self, model, device):
         self.model = model.eval().to(device)
         self.device = torch.device(device)
+        self.encoder = self.model.image_encoder
+        self.runtime = "torch"
+
+    def use_runtime(self, runtime: str = "auto", cache_dir=None) -> "PromptSegmenter":
+        """Run the image encoder on ``runtime`` (see :mod:`.runtimes`); the decoder stays in torch."""
+        from .runtimes import openvino_encoder, resolve_runtime
+
+        chosen = resolve_runtime(runtime, self.device, self.convertible)
+        if chosen == "openvino":
+            self.encoder = openvino_encoder(self.model.image_encoder, self.input_size, self.name,
+                                            getattr(self, "sha256", None) or "unknown", cache_dir,
+                                            torch.get_num_threads())
+        else:
+            self.encoder = self.model.image_encoder
+        self.runtime = chosen
+        return self
 
     # -- image side ----------------------------------------------------------------------
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 3, S, S] in 0..255
@@ -49,7 +67,7 @@ class PromptSegmenter:
             resized.append(F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                          align_corners=False))
         x = self._normalise(torch.cat(resized).clamp(0, 255).repeat(1, 3, 1, 1))
-        return self.model.image_encoder(x)
+        return self.encoder(x).to(self.device)
 
     # -- prompt side ---------------------------------------------------------------------
     @torch.no_grad()
@@ -68,12 +86,13 @@ class PromptSegmenter:
 
     def describe(self) -> dict:
         return {"name": self.name, "input_size": self.input_size, "checkpoint": getattr(self, "checkpoint", None),
-                "sha256": getattr(self, "sha256", None)}
+                "sha256": getattr(self, "sha256", None), "runtime": self.runtime}
 
 
 class LiteMedSAM(PromptSegmenter):
     name = "litemedsam"
     input_size = 256
+    convertible = True
 
     def _normalise(self, x):
         return x / 255.0
@@ -160,11 +179,11 @@ def check_segmenter_args(name: str, checkpoint=None) -> None:
         raise InputError(f"--segmenter {name} needs --segmenter-checkpoint PATH (ViT-B weights are not shipped)")
 
 
-def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu") -> PromptSegmenter:
+def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu", runtime: str = "auto") -> PromptSegmenter:
+    """A ready segmenter; ``runtime``: the image encoder's runtime (auto|torch|openvino)."""
     check_segmenter_args(name, checkpoint)
-    if name == "litemedsam":
-        return LiteMedSAM.load(device)
-    return SAMViTB.load(checkpoint, device, name)
+    seg = LiteMedSAM.load(device) if name == "litemedsam" else SAMViTB.load(checkpoint, device, name)
+    return seg.use_runtime(runtime)
 
 
 def _sha256(path: Path) -> str:

@@ -4,6 +4,15 @@ Slices run along the input's axial axis (the voxel axis closest to head-foot). E
 windowed, embedded once, and every structure box on it is decoded in one batch. Probabilities
 are kept only inside each structure's box region (float16), so memory stays bounded by the CT
 itself plus one label map, whatever the number of structures.
+
+With ``slice_step`` k > 1 only the *key slices* are encoded: every k-th slice (one grid for the
+whole volume) in each structure's range plus its first, middle and last slice; the union over
+structures, so a slice is encoded once whatever the number of structures on it, and decoded for
+all of them. The
+slices between two key slices of a structure get its mask by shape-based interpolation: the
+signed distance maps (mm) of the two decoded masks blended linearly, the zero level kept, inside
+the slice's own box. The encoder is the expensive part; the curve of Dice against k is in
+docs/results.md.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from ..geometry import Geometry, slice_boxes
@@ -20,7 +30,9 @@ from ..preprocess import SAM_WINDOW, window_to_uint8
 
 @dataclass
 class SegmentOptions:
-    batch_slices: int = 4  # slices per encoder call
+    # Slices per encoder call; 0 = 4 on CUDA, 1 on CPU (on CPU a batch is slower per slice than
+    # single slices: docs/results.md).
+    batch_slices: int = 0
     margin_px_at_1024: float = 10.0
     largest_component: bool = True
     fill_holes: bool = True
@@ -31,6 +43,12 @@ class SegmentOptions:
     # few pixels wide. crop_context=0 feeds whole slices, as the paper does.
     crop_context: float = 1.5
     min_crop_fraction: float = 0.375
+    # Encode every k-th slice of a structure (and its first, middle and last); interpolate between.
+    slice_step: int = 1
+    # "shape": one box per slice from the structure's localized shape (the localizer's
+    # slice_boxes_ijk) where it has one; "box": every slice gets the footprint of the 3D box
+    # (or of its SPL sub-boxes). See docs/results.md.
+    prompt: str = "shape"
 
 
 @dataclass
@@ -47,16 +65,57 @@ class _Region:
     def __init__(self, boxes2d: dict[int, tuple[int, int, int, int]]):
         s = np.array(sorted(boxes2d))
         b = np.array([boxes2d[k] for k in s])
+        self.boxes = boxes2d
         self.s0, self.s1 = int(s.min()), int(s.max())
         self.u0, self.v0 = int(b[:, 0].min()), int(b[:, 1].min())
         self.u1, self.v1 = int(b[:, 2].max()), int(b[:, 3].max())
         self.prob = np.zeros((self.s1 - self.s0 + 1, self.v1 - self.v0 + 1, self.u1 - self.u0 + 1), np.float16)
+        self.decoded: set[int] = set()
 
     def put(self, s: int, box, prob2d: np.ndarray, row0: int = 0, col0: int = 0) -> None:
         """Store ``prob2d`` (a crop whose top-left pixel is (row0, col0)) inside ``box``."""
         u0, v0, u1, v1 = box
         self.prob[s - self.s0, v0 - self.v0:v1 - self.v0 + 1, u0 - self.u0:u1 - self.u0 + 1] = \
             prob2d[v0 - row0:v1 - row0 + 1, u0 - col0:u1 - col0 + 1]
+        self.decoded.add(s)
+
+    def interpolate(self, threshold: float, pixel_mm: tuple[float, float]) -> int:
+        """Fill every slice between two decoded ones by signed-distance interpolation of their
+        masks; returns the number of slices filled. ``pixel_mm``: (row, column) spacing."""
+        keys = sorted(self.decoded)
+        sdf = {k: signed_distance(self.prob[k - self.s0] > threshold, pixel_mm) for k in keys}
+        filled = 0
+        for a, b in zip(keys[:-1], keys[1:]):
+            for s in range(a + 1, b):
+                t = (s - a) / (b - a)
+                d = (1 - t) * sdf[a] + t * sdf[b]
+                inside = np.zeros(d.shape, bool)
+                u0, v0, u1, v1 = self.boxes[s]
+                inside[v0 - self.v0:v1 - self.v0 + 1, u0 - self.u0:u1 - self.u0 + 1] = True
+                # A probability-like value (0.5 on the interpolated contour) for the overlap rule.
+                self.prob[s - self.s0] = np.where(inside, 1.0 / (1.0 + np.exp(np.clip(d, -30, 30))), 0.0)
+                filled += 1
+        return filled
+
+
+def signed_distance(mask: np.ndarray, pixel_mm: tuple[float, float]) -> np.ndarray:
+    """Signed distance (mm) to a 2D mask's boundary: negative inside, positive outside. An empty
+    mask is "far outside" everywhere (the block's diagonal), so a shape shrinks towards it."""
+    if not mask.any():
+        return np.full(mask.shape, float(np.hypot(*(np.array(mask.shape) * pixel_mm))), np.float32)
+    if mask.all():
+        return np.full(mask.shape, -float(np.hypot(*(np.array(mask.shape) * pixel_mm))), np.float32)
+    outside = ndimage.distance_transform_edt(~mask, sampling=pixel_mm)
+    inside = ndimage.distance_transform_edt(mask, sampling=pixel_mm)
+    return (outside - inside).astype(np.float32)
+
+
+def key_slices(first: int, last: int, step: int) -> set[int]:
+    """Slices of ``first..last`` to encode: the multiples of ``step`` (one grid for all structures,
+    so that structures on the same slices share their key slices), and the first, middle and last."""
+    step = max(1, step)
+    keys = set(range(-(-first // step) * step, last + 1, step))
+    return keys | {first, (first + last) // 2, last}
 
 
 def crop_window(boxes, shape: tuple[int, int], context: float, min_fraction: float) -> tuple[int, int, int, int]:
@@ -111,6 +170,7 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
     timing = {"encode": 0.0, "decode": 0.0, "postprocess": 0.0}
     regions: dict[str, _Region] = {}
     work: dict[tuple, dict[int, list]] = {}  # window -> slice -> [(name, box)]
+    keys: dict[tuple, set[int]] = {}  # window -> slices to encode
     for r in requests:
         boxes2d = slice_boxes(r.boxes_ijk, geom, opts.margin_px_at_1024)
         if not boxes2d:
@@ -118,12 +178,18 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
         regions[r.name] = _Region(boxes2d)
         for s, box in boxes2d.items():
             work.setdefault(tuple(r.window), {}).setdefault(s, []).append((r.name, box))
+        keys.setdefault(tuple(r.window), set()).update(key_slices(min(boxes2d), max(boxes2d), opts.slice_step))
+    # An encoded slice is decoded for every structure on it: the crop (and so the embedding) of a
+    # key slice is the same whatever the step, and decoding costs little next to encoding.
+    work = {w: {s: on for s, on in per_slice.items() if s in keys[w]} for w, per_slice in work.items()}
     total = sum(len(v) for v in work.values())
+    device = getattr(segmenter, "device", None)
+    batch_size = opts.batch_slices or (4 if device is not None and torch.device(device).type == "cuda" else 1)
     done = 0
     for window, per_slice in work.items():
         order = sorted(per_slice)
-        for b in range(0, len(order), opts.batch_slices):
-            batch = order[b:b + opts.batch_slices]
+        for b in range(0, len(order), batch_size):
+            batch = order[b:b + batch_size]
             images, crops = [], []
             for s in batch:
                 full = get_slice(volume.array, ax, s)
@@ -161,6 +227,10 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
                 progress(done, total)
 
     t = time.perf_counter()
+    spacing = np.asarray(geom.spacing, dtype=float)
+    interpolated = sum(reg.interpolate(opts.threshold, (spacing[v_ax], spacing[u_ax])) for reg in regions.values())
+    timing["interpolate"] = time.perf_counter() - t
+    t = time.perf_counter()
     labels = np.zeros(volume.array.shape, np.uint16)
     best = np.zeros(volume.array.shape, np.float16) if opts.resolve_overlaps and len(regions) > 1 else None
     stats = {}
@@ -188,5 +258,6 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
     for name in stats:
         stats[name]["voxels"] = int((labels == by_name[name].label).sum())
     timing["postprocess"] = time.perf_counter() - t
-    timing["slices"] = total
+    timing["slices"] = total  # slices encoded
+    timing["interpolated_slices"] = interpolated
     return labels, stats, timing

@@ -18,7 +18,8 @@ from MedLSAMLib.geometry import box_from_points
 from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk, write_volume
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.localizers.align import QueryImage, block_ncc, weighted_ncc
-from MedLSAMLib.localizers.fusion import FusionSettings, consensus_templates, fit_shape, fuse_boxes
+from MedLSAMLib.localizers.fusion import (FusionSettings, consensus_templates, extend_open_faces, fit_shape,
+                                         fuse_boxes)
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.markups import read_markups, write_markups
 from MedLSAMLib.templates import template_from_labels
@@ -102,6 +103,27 @@ def test_fusion_resists_one_wrong_box_and_drops_a_template_that_disagrees_with_t
     shape = np.array([[0, 0, 0], [2, 4, 6], [1, 1, 1]], float)
     fitted = fit_shape(shape, np.array([[10, 10, 10], [20, 30, 40]], float))
     assert np.allclose(box_from_points(fitted), [[10, 10, 10], [20, 30, 40]])
+
+
+def test_a_face_the_templates_saw_cut_by_their_scan_reaches_the_end_of_the_query_data():
+    fov = np.array([[-100, -100, -300], [100, 100, 0]], float)
+    box = np.array([[-10, -10, -200], [10, 10, -50]], float)
+    votes = np.zeros((3, 2, 3), bool)
+    votes[:2, 0, 2] = True  # two of three templates: the structure ran off their scan's inferior end
+    out = extend_open_faces(box, votes, fov, 0.5)
+    assert out[0, 2] == -300 and np.array_equal(np.delete(out.ravel(), 2), np.delete(box.ravel(), 2))
+    votes[1, 0, 2] = False  # one of three: the templates say where it ends
+    assert np.array_equal(extend_open_faces(box, votes, fov, 0.5), box)
+
+
+def test_data_box_leaves_blanked_padding_out(geometry):
+    from MedLSAMLib.localizers.prepared import data_box
+
+    array = np.full(geometry.shape_kji, -1024.0, np.float32)
+    array[4:15, 5:25, 6:30] = np.random.default_rng(0).normal(0, 50, (11, 20, 24))  # data in a block
+    box = data_box(Volume(array, geometry, "blanked"))
+    corners = np.array([[i, j, k] for i in (6, 29) for j in (5, 24) for k in (4, 14)], float)
+    assert np.allclose(box, box_from_points(geometry.ijk_to_lps(corners)), atol=1e-6)
 
 
 # --- on real CT -----------------------------------------------------------------------------------
