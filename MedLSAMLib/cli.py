@@ -212,13 +212,16 @@ def _add_segment_command(sub) -> None:
     p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running scheduler, e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, metavar="N",
                    help="with --executor dask and no --scheduler: a local cluster of N worker processes (default 1)")
-    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto",
-                   help="image encoder runtime: auto (default) = OpenVINO for LiteMedSAM on CPU, else torch")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="image encoder runtime: auto (default) = ONNX Runtime for LiteMedSAM on CPU, else torch")
     p.add_argument("--slice-step", type=int, default=SegmentOptions.slice_step, metavar="K",
                    help=f"encode every K-th slice of a structure (and its first, middle and last) and interpolate "
                    f"the others (default {SegmentOptions.slice_step}; 1 = every slice)")
     p.add_argument("--prompt", choices=["shape", "box"], default=SegmentOptions.prompt,
                    help="shape (default): one box per slice from the localized shape; box: the 3D box on every slice")
+    p.add_argument("--prior-weight", type=float, default=SegmentOptions.prior_weight, metavar="W",
+                   help="weight of the templates' mapped masks (templates with label maps) against SAM: "
+                   f"(1-W) x SAM + W x prior (default {SegmentOptions.prior_weight:g}; 0 = SAM alone)")
     p.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes slice by slice")
     p.add_argument("--allow-overlap", action="store_true",
@@ -242,8 +245,11 @@ def _cmd_segment(args) -> int:
         raise InputError("--scheduler and --workers are for --executor dask")
     if args.slice_step < 1:
         raise InputError("--slice-step must be 1 or more")
+    if not 0.0 <= args.prior_weight <= 1.0:
+        raise InputError("--prior-weight must be between 0 and 1")
     options = SegmentOptions(largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
-                             resolve_overlaps=not args.allow_overlap, slice_step=args.slice_step, prompt=args.prompt)
+                             resolve_overlaps=not args.allow_overlap, slice_step=args.slice_step, prompt=args.prompt,
+                             prior_weight=args.prior_weight)
     if args.executor == "dask":
         from .cluster import CohortRecipe, run_cohort_dask
 

@@ -73,14 +73,16 @@ class CohortSegmenter:
     def segment_volume(self, volume: Volume, progress=None) -> tuple[np.ndarray, dict]:
         """Label map and the case record (no files written)."""
         t0 = time.perf_counter()
-        loc = self.localizer.localize(volume)
+        want_priors = self.options.prior_weight > 0 and getattr(self.localizer, "gives_priors", False)
+        loc = self.localizer.localize(volume, priors=True) if want_priors else self.localizer.localize(volume)
+        priors = loc.pop("priors", {})
         t_loc = time.perf_counter() - t0
         requests = []
         for name, r in loc["structures"].items():
             if r["present"]:
                 s = self.structures[name]
                 requests.append(StructureRequest(name, s.label, prompt_boxes(r, self.options.prompt),
-                                                 s.window or SAM_WINDOW))
+                                                 s.window or SAM_WINDOW, priors.get(name)))
         labels, stats, timing = segment_volume(volume, requests, self.segmenter, self.options, progress)
         for name, r in loc["structures"].items():
             r.update(stats.get(name, {"voxels": 0}))

@@ -45,6 +45,7 @@ class HybridLocalizer:
     """Templates prepared once (from the disk cache when possible); localizes any number of CTs."""
 
     kind = "hybrid"
+    gives_priors = True  # localize(..., priors=True): see shape_priors
 
     def __init__(self, template_dirs, *, mode: str = "wpl", device: str | torch.device = "cpu",
                  structures: list[str] | None = None, settings: HybridSettings | None = None,
@@ -69,7 +70,9 @@ class HybridLocalizer:
                 "template_cache": str(self.cache_dir) if self.cache_dir else None}
 
     # -- query ---------------------------------------------------------------------------------
-    def localize(self, image: str | Path | Volume, keep_stages: bool = False) -> dict:
+    def localize(self, image: str | Path | Volume, keep_stages: bool = False, priors: bool = False) -> dict:
+        """Boxes, presence and shape of every structure in one CT. ``priors``: also each present
+        structure's shape prior (see :meth:`shape_priors`) under ``"priors"`` (arrays, not JSON)."""
         t0 = time.perf_counter()
         volume = image if isinstance(image, Volume) else read_ct(image)
         t_read = time.perf_counter()
@@ -87,6 +90,8 @@ class HybridLocalizer:
         t_local = time.perf_counter()
         result = self._assemble(volume.geometry, _data_extent(fine), first_global, global_scores.cpu().numpy(),
                                 local_maps, local_scores, keep_stages, realigned)
+        if priors:
+            result["priors"] = self.shape_priors(volume.geometry, result["structures"], local_maps, result["used"])
         t_end = time.perf_counter()
         timing = {"read": t_read - t0, "preprocess": t_prep - t_read, "global": t_global - t_prep,
                   "local": t_local - t_global, "fuse": t_end - t_local, "templates_setup": self.setup_s,
@@ -99,6 +104,7 @@ class HybridLocalizer:
             "device": str(self.device),
             "structures": result["structures"],
             **({"stages": result["stages"]} if keep_stages else {}),
+            **({"priors": result["priors"]} if priors else {}),
             "timing_s": {k: round(v, 3) for k, v in timing.items()},
         }
 
@@ -230,7 +236,30 @@ class HybridLocalizer:
                     "templates_used": [self.prepared[t].name for t in used],
                     "templates_realigned": [self.prepared[t].name for t in realigned],
                 }
-        return {"structures": out, "stages": stages}
+        return {"structures": out, "stages": stages, "used": used}
+
+    def shape_priors(self, geometry: Geometry, structures: dict, local_maps: dict, used, margin: int = 2) -> dict:
+        """Per present structure: the voting templates' label masks carried onto the query by their
+        own local affine and averaged, in the structure's box + ``margin`` voxels. Returns
+        ``{name: (offset_kji, probability float32 [k, j, i])}``; structures whose templates have
+        no label map are left out. The segmenter can blend it with SAM (SegmentOptions.prior_weight)."""
+        out = {}
+        size = np.asarray(geometry.size)
+        for name, entry in structures.items():
+            voters = [t for t in used if self.prepared[t].structures[name].mask.size]
+            if not entry["present"] or not voters:
+                continue
+            lo = np.maximum(np.asarray(entry["box_ijk"][0]) - margin, 0)
+            hi = np.minimum(np.asarray(entry["box_ijk"][1]) + margin, size - 1)
+            k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in (2, 1, 0)), indexing="ij")
+            lps = geometry.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3).astype(float))
+            prob = np.zeros(len(lps), np.float32)
+            for t in voters:
+                s = self.prepared[t].structures[name]
+                template_lps = apply_affine(np.linalg.inv(local_maps[(t, name)]), lps)
+                prob += _sample_mask(s.mask, np.linalg.inv(s.mask_ijk_to_lps), template_lps)
+            out[name] = (lo[::-1].copy(), (prob / len(voters)).reshape(k.shape))
+        return out
 
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
                          match, frac, n_used, n_templates, from_mask) -> dict:
@@ -272,6 +301,17 @@ def _data_extent(image: QueryImage) -> np.ndarray:
         return box_from_points(image.geometry.corners_lps())
     index_box = np.stack([kji.min(0)[::-1], kji.max(0)[::-1]]).astype(float)  # ijk
     return box_from_points(image.geometry.ijk_to_lps(_corners(index_box)))
+
+
+def _sample_mask(mask: np.ndarray, lps_to_ijk: np.ndarray, lps: np.ndarray) -> np.ndarray:
+    """Trilinear samples of a uint8 [k, j, i] mask at LPS points (0 outside it)."""
+    ijk = apply_affine(lps_to_ijk, lps)
+    shape = np.array(mask.shape[::-1], float)  # (i, j, k) sizes
+    grid = 2.0 * ijk / np.maximum(shape - 1, 1) - 1.0  # align_corners=True: voxel centres at +-1
+    g = torch.as_tensor(grid, dtype=torch.float32).view(1, -1, 1, 1, 3)
+    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    return torch.nn.functional.grid_sample(m, g, mode="bilinear", padding_mode="zeros",
+                                           align_corners=True).view(-1).numpy()
 
 
 def _corners(box: np.ndarray) -> np.ndarray:

@@ -72,6 +72,10 @@ class PreparedStructure:
     shape: np.ndarray  # (M, 3) LPS points whose bounding box is the structure (mask voxels or 6 points)
     from_mask: bool
     open_faces: np.ndarray  # (2, 3) bool, per box face: the template's data ends there (cut by the scan)
+    # The label-map mask around the structure (uint8 [k, j, i], empty without a label map) and
+    # its voxel -> LPS matrix: what the shape prior samples (hybrid.HybridLocalizer.shape_priors).
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.uint8))
+    mask_ijk_to_lps: np.ndarray = field(default_factory=lambda: np.eye(4))
 
 
 @dataclass
@@ -110,6 +114,17 @@ def data_box(volume: Volume) -> np.ndarray:
     return box_from_points(volume.geometry.ijk_to_lps(corners))
 
 
+def mask_crop(labels: Volume, value: int, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 mask of ``value`` in its bounding block + ``margin`` voxels, that block's ijk -> LPS matrix)."""
+    kji = np.argwhere(labels.array == value)
+    lo = np.maximum(kji.min(0) - margin, 0)
+    hi = np.minimum(kji.max(0) + margin, np.array(labels.array.shape) - 1)
+    block = (labels.array[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] == value).astype(np.uint8)
+    matrix = labels.geometry.ijk_to_lps_matrix.copy()
+    matrix[:3, 3] = labels.geometry.ijk_to_lps(lo[::-1].astype(float))
+    return block, matrix
+
+
 def prepare_template(template: Template, names: list[str], settings: HybridSettings) -> PreparedTemplate:
     rng = np.random.default_rng(settings.seed)
     image = template.load_image()
@@ -138,9 +153,12 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     tolerance = settings.open_face_voxels * (np.abs(image.geometry.direction) @ image.geometry.spacing)  # per LPS axis
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
+        crop = {}
         if labels is not None:
             cloud = _mask_cloud(labels, s.label)
             if len(cloud):
+                mask, matrix = mask_crop(labels, s.label)
+                crop = {"mask": mask, "mask_ijk_to_lps": matrix}
                 if len(cloud) > settings.shape_points:
                     cloud = cloud[rng.choice(len(cloud), settings.shape_points, replace=False)]
                 # The six points are on the mask too; keep them so the extent is exact.
@@ -150,12 +168,13 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
         p = p[rng.choice(len(p), settings.local_points, replace=len(p) < settings.local_points)]
         values, valid = _values_at(fine, p)
         open_faces = np.abs(box - data) <= tolerance
-        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, values, valid, shape, from_mask, open_faces)
+        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, values, valid, shape, from_mask, open_faces,
+                                                        **crop)
     return prepared
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 3  # bump when PreparedTemplate changes
+CACHE_FORMAT = 4  # bump when PreparedTemplate changes
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
@@ -180,7 +199,8 @@ def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
         arrays.update({f"s{n}_centre": s.centre, f"s{n}_points": s.points, f"s{n}_values": s.values,
                        f"s{n}_weights": s.weights,
                        f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask),
-                       f"s{n}_open_faces": s.open_faces})
+                       f"s{n}_open_faces": s.open_faces, f"s{n}_mask": s.mask,
+                       f"s{n}_mask_ijk_to_lps": s.mask_ijk_to_lps})
     arrays["meta"] = np.array(json.dumps({"name": prepared.name, "structures": names}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -197,7 +217,8 @@ def load_prepared(path: Path) -> PreparedTemplate:
         for n, name in enumerate(meta["structures"]):
             prepared.structures[name] = PreparedStructure(z[f"s{n}_centre"], z[f"s{n}_points"], z[f"s{n}_values"],
                                                           z[f"s{n}_weights"], z[f"s{n}_shape"],
-                                                          bool(z[f"s{n}_from_mask"]), z[f"s{n}_open_faces"])
+                                                          bool(z[f"s{n}_from_mask"]), z[f"s{n}_open_faces"],
+                                                          z[f"s{n}_mask"], z[f"s{n}_mask_ijk_to_lps"])
     return prepared
 
 

@@ -31,7 +31,7 @@ class PromptSegmenter:
     name = "abstract"
     input_size = 1024
 
-    convertible = False  # whether the image encoder can run on another CPU runtime (runtimes.py)
+    exportable = False  # whether the image encoder can run on ONNX Runtime (runtimes.py)
 
     def __init__(self, model, device):
         self.model = model.eval().to(device)
@@ -41,13 +41,12 @@ class PromptSegmenter:
 
     def use_runtime(self, runtime: str = "auto", cache_dir=None) -> "PromptSegmenter":
         """Run the image encoder on ``runtime`` (see :mod:`.runtimes`); the decoder stays in torch."""
-        from .runtimes import openvino_encoder, resolve_runtime
+        from .runtimes import onnx_encoder, resolve_runtime
 
-        chosen = resolve_runtime(runtime, self.device, self.convertible)
-        if chosen == "openvino":
-            self.encoder = openvino_encoder(self.model.image_encoder, self.input_size, self.name,
-                                            getattr(self, "sha256", None) or "unknown", cache_dir,
-                                            torch.get_num_threads())
+        chosen = resolve_runtime(runtime, self.device, self.exportable)
+        if chosen == "onnxruntime":
+            self.encoder = onnx_encoder(self.model.image_encoder, self.input_size, self.name,
+                                        getattr(self, "sha256", None) or "unknown", cache_dir, torch.get_num_threads())
         else:
             self.encoder = self.model.image_encoder
         self.runtime = chosen
@@ -92,7 +91,7 @@ class PromptSegmenter:
 class LiteMedSAM(PromptSegmenter):
     name = "litemedsam"
     input_size = 256
-    convertible = True
+    exportable = True
 
     def _normalise(self, x):
         return x / 255.0
@@ -180,7 +179,7 @@ def check_segmenter_args(name: str, checkpoint=None) -> None:
 
 
 def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu", runtime: str = "auto") -> PromptSegmenter:
-    """A ready segmenter; ``runtime``: the image encoder's runtime (auto|torch|openvino)."""
+    """A ready segmenter; ``runtime``: the image encoder's runtime (auto|torch|onnxruntime)."""
     check_segmenter_args(name, checkpoint)
     seg = LiteMedSAM.load(device) if name == "litemedsam" else SAMViTB.load(checkpoint, device, name)
     return seg.use_runtime(runtime)

@@ -44,19 +44,24 @@ class SegmentOptions:
     crop_context: float = 1.5
     min_crop_fraction: float = 0.375
     # Encode every k-th slice of a structure (and its first, middle and last); interpolate between.
-    slice_step: int = 1
+    slice_step: int = 4
     # "shape": one box per slice from the structure's localized shape (the localizer's
     # slice_boxes_ijk) where it has one; "box": every slice gets the footprint of the 3D box
     # (or of its SPL sub-boxes). See docs/results.md.
     prompt: str = "shape"
+    # Weight of the localizer's shape prior (the templates' masks carried onto the scan) in the
+    # mask probability: (1 - w) x SAM + w x prior; 0 = SAM alone, 1 = the prior alone (no encoder
+    # call at all). Measured on the dev set: docs/results.md.
+    prior_weight: float = 1.0
 
 
 @dataclass
 class StructureRequest:
     name: str
     label: int
-    boxes_ijk: list  # inclusive ijk boxes (one per sub-part)
+    boxes_ijk: list  # inclusive ijk boxes (one per sub-part, or one per slice)
     window: tuple[float, float] = SAM_WINDOW
+    prior: tuple | None = None  # (offset_kji, probability [k, j, i]) from the localizer, or None
 
 
 class _Region:
@@ -96,6 +101,24 @@ class _Region:
                 self.prob[s - self.s0] = np.where(inside, 1.0 / (1.0 + np.exp(np.clip(d, -30, 30))), 0.0)
                 filled += 1
         return filled
+
+
+    def blend_prior(self, prior: tuple, weight: float, ax: int, u_ax: int, v_ax: int) -> None:
+        """prob = (1 - weight) x prob + weight x prior, the prior given as (offset_kji, [k, j, i] array)."""
+        offset, array = prior
+        lo_ijk = np.asarray(offset[::-1])
+        hi_ijk = lo_ijk + np.asarray(array.shape[::-1]) - 1
+        block_lo = {ax: self.s0, u_ax: self.u0, v_ax: self.v0}
+        block_hi = {ax: self.s1, u_ax: self.u1, v_ax: self.v1}
+        lo = [max(lo_ijk[a], block_lo[a]) for a in range(3)]
+        hi = [min(hi_ijk[a], block_hi[a]) for a in range(3)]
+        inside = np.zeros(self.prob.shape, np.float32)
+        if all(lo[a] <= hi[a] for a in range(3)):
+            src = array[tuple(slice(lo[a] - lo_ijk[a], hi[a] - lo_ijk[a] + 1) for a in (2, 1, 0))]
+            src = np.moveaxis(src, [2 - ax, 2 - v_ax, 2 - u_ax], [0, 1, 2])  # -> [slice, v, u]
+            inside[lo[ax] - self.s0:hi[ax] - self.s0 + 1, lo[v_ax] - self.v0:hi[v_ax] - self.v0 + 1,
+                   lo[u_ax] - self.u0:hi[u_ax] - self.u0 + 1] = src
+        self.prob = ((1.0 - weight) * self.prob.astype(np.float32) + weight * inside).astype(np.float16)
 
 
 def signed_distance(mask: np.ndarray, pixel_mm: tuple[float, float]) -> np.ndarray:
@@ -182,6 +205,10 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
     # An encoded slice is decoded for every structure on it: the crop (and so the embedding) of a
     # key slice is the same whatever the step, and decoding costs little next to encoding.
     work = {w: {s: on for s, on in per_slice.items() if s in keys[w]} for w, per_slice in work.items()}
+    if opts.prior_weight >= 1.0:  # the prior alone: SAM only for structures that have none
+        with_prior = {r.name for r in requests if r.prior is not None}
+        work = {w: {s: kept for s, on in per_slice.items() if (kept := [e for e in on if e[0] not in with_prior])}
+                for w, per_slice in work.items()}
     total = sum(len(v) for v in work.values())
     device = getattr(segmenter, "device", None)
     batch_size = opts.batch_slices or (4 if device is not None and torch.device(device).type == "cuda" else 1)
@@ -229,6 +256,10 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
     t = time.perf_counter()
     spacing = np.asarray(geom.spacing, dtype=float)
     interpolated = sum(reg.interpolate(opts.threshold, (spacing[v_ax], spacing[u_ax])) for reg in regions.values())
+    if opts.prior_weight > 0:
+        for r in requests:
+            if r.prior is not None and r.name in regions:
+                regions[r.name].blend_prior(r.prior, opts.prior_weight, ax, u_ax, v_ax)
     timing["interpolate"] = time.perf_counter() - t
     t = time.perf_counter()
     labels = np.zeros(volume.array.shape, np.uint16)

@@ -158,6 +158,8 @@ def smooth_warp(ct: Volume, labels: Volume):
     disp.CopyInformation(grid)
     tx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
     warped = sitk.Resample(grid, grid, tx, sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    warped_labels = sitk.Resample(to_sitk(labels), grid, tx, sitk.sitkNearestNeighbor, 0)
+    smooth_warp.labels = from_sitk(warped_labels, "warped labels")  # the truth for the shape prior test
     return from_sitk(warped, "warped"), template_to_warped
 
 
@@ -177,6 +179,33 @@ def test_known_smooth_deformation_is_recovered_within_2_mm(templates):
     # every face of every structure within 2 mm; the local stage is what gets it there
     assert max(e[0] for e in errors.values()) <= 2.0, errors
     assert np.mean([e[0] for e in errors.values()]) < np.mean([e[1] for e in errors.values()]), errors
+
+
+def test_the_shape_prior_follows_a_known_deformation_and_needs_no_encoder(templates):
+    """The templates' masks carried by the local affines onto a warped copy of their own CT overlap
+    the warped truth; with prior_weight 1 the segmenter's encoder is never called."""
+    from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
+
+    ct_path, labels_path = hn_case("train-pats/pt_1")
+    ct, labels = read_ct(ct_path), read_labels(labels_path)
+    warped, _ = smooth_warp(ct, labels)
+    truth = smooth_warp.labels.array
+    result = HybridLocalizer([templates[0]], cache_dir=None).localize(warped, priors=True)
+    assert set(result["priors"]) == {name for _, name in CORE5}
+
+    class NoEncoder:
+        device = "cpu"
+
+        def embed(self, slices):
+            raise AssertionError("the encoder was called")
+
+    requests = [StructureRequest(name, value, result["structures"][name]["slice_boxes_ijk"], prior=result["priors"][name])
+                for value, name in CORE5]
+    out, _, timing = segment_volume(warped, requests, NoEncoder(), SegmentOptions(prior_weight=1.0))
+    assert timing["slices"] == 0
+    dice = {name: 2 * ((out == value) & (truth == value)).sum() / ((out == value).sum() + (truth == value).sum())
+            for value, name in CORE5}
+    assert min(dice.values()) > 0.6 and np.mean(list(dice.values())) > 0.75, dice
 
 
 def test_a_template_of_another_body_region_does_not_vote(templates, tmp_path):

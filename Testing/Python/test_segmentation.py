@@ -56,7 +56,7 @@ def test_litemedsam_segments_real_slices_and_reuses_embeddings(litemedsam):
         ks[name] = [mid - 1, mid, mid + 1]
         sel = kji[np.isin(kji[:, 0], ks[name])]
         requests.append(StructureRequest(name, value, [[sel.min(0)[::-1].tolist(), sel.max(0)[::-1].tolist()]]))
-    labels, stats, timing = segment_volume(ct, requests, litemedsam)
+    labels, stats, timing = segment_volume(ct, requests, litemedsam, SegmentOptions(slice_step=1))
     assert timing["slices"] == len(set(ks["Mandible"]) | set(ks["Brainstem"]))
     dice = {}
     for value, name in ((7, "Mandible"), (1, "Brainstem")):
@@ -104,7 +104,7 @@ def test_slice_runner_geometry_on_permuted_and_oblique_grids(geometry):
     kji = np.argwhere(truth)
     box = [kji.min(0)[::-1].tolist(), kji.max(0)[::-1].tolist()]
     labels, stats, timing = segment_volume(vol, [StructureRequest("ball", 5, [box])], ThresholdSegmenter(),
-                                           SegmentOptions(margin_px_at_1024=0))
+                                           SegmentOptions(margin_px_at_1024=0, slice_step=1))
     assert np.array_equal(labels == 5, truth)
     assert stats["ball"]["voxels"] == int(truth.sum()) and timing["slices"] == box[1][geometry.axial_axis] - box[0][geometry.axial_axis] + 1
 
@@ -119,7 +119,7 @@ def test_overlap_goes_to_the_more_probable_structure(geometry):
             return p * torch.tensor([0.7, 0.9])[: len(boxes), None, None]
 
     labels, stats, _ = segment_volume(vol, [StructureRequest("a", 1, [full]), StructureRequest("b", 2, [full])],
-                                      Biased(), SegmentOptions(margin_px_at_1024=0))
+                                      Biased(), SegmentOptions(margin_px_at_1024=0, slice_step=1))
     assert stats["a"]["voxels"] == 0 and stats["b"]["voxels"] == int((vol.array > 0).sum())
 
 
@@ -156,7 +156,7 @@ def test_skipped_slices_reproduce_a_ball_on_any_grid(geometry):
     kji = np.argwhere(truth)
     box = [kji.min(0)[::-1].tolist(), kji.max(0)[::-1].tolist()]
     request = [StructureRequest("ball", 5, [box])]
-    full, _, t_full = segment_volume(vol, request, ThresholdSegmenter(), SegmentOptions(margin_px_at_1024=0))
+    full, _, t_full = segment_volume(vol, request, ThresholdSegmenter(), SegmentOptions(margin_px_at_1024=0, slice_step=1))
     skip, _, t_skip = segment_volume(vol, request, ThresholdSegmenter(), SegmentOptions(margin_px_at_1024=0, slice_step=3))
     assert np.array_equal(full == 5, truth)
     assert t_skip["slices"] < t_full["slices"] and t_skip["interpolated_slices"] == t_full["slices"] - t_skip["slices"]
@@ -177,7 +177,7 @@ def test_a_skipped_slice_run_equals_the_full_run_on_its_encoded_slices(litemedsa
         sel = kji[(kji[:, 0] >= mid - 4) & (kji[:, 0] <= mid + 4)]
         requests.append(StructureRequest(name, value, [[sel.min(0)[::-1].tolist(), sel.max(0)[::-1].tolist()]]))
         ranges.append((int(sel[:, 0].min()), int(sel[:, 0].max())))
-    full, _, _ = segment_volume(ct, requests, litemedsam)
+    full, _, _ = segment_volume(ct, requests, litemedsam, SegmentOptions(slice_step=1))
     skip, _, timing = segment_volume(ct, requests, litemedsam, SegmentOptions(slice_step=3))
     keys = sorted(set().union(*(key_slices(a, b, 3) for a, b in ranges)))
     assert timing["slices"] == len(keys) and timing["interpolated_slices"] > 0
