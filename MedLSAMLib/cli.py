@@ -234,12 +234,13 @@ def _cmd_segment(args) -> int:
     from pathlib import Path
 
     from .localize import set_cpu_threads
-    from .pipeline import list_cohort, run_cohort
+    from .pipeline import list_cohort, prepare_out_dir, run_cohort
     from .segment.backends import check_segmenter_args, load_segmenter
     from .segment.slices import SegmentOptions
 
     set_cpu_threads()
     images = list_cohort(args.image, args.images_dir)
+    prepare_out_dir(args.out)  # before any model is loaded: a wrong --out fails at once
     check_segmenter_args(args.segmenter, args.checkpoint)
     if args.executor == "local" and (args.scheduler or args.workers):
         raise InputError("--scheduler and --workers are for --executor dask")

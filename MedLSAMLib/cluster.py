@@ -29,7 +29,7 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
 from .io import case_name
 from .localize import usable_cores
 from .localizers import LocalizerSpec
-from .pipeline import CaseResult, CohortSegmenter, is_complete, segment_one, write_summary
+from .pipeline import CaseResult, CohortSegmenter, is_complete, prepare_out_dir, segment_one, write_summary
 from .segment.backends import load_segmenter
 from .segment.slices import SegmentOptions
 
@@ -105,8 +105,7 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
     """
     from tqdm import tqdm
 
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(out_dir).resolve())
     results: dict[str, CaseResult] = {}
     todo = []
     for path in images:

@@ -90,6 +90,8 @@ def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volum
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_complete(p)  # ITK reads a cut NIfTI without complaint (the rest becomes zeros)
     try:
         if p.is_dir():
             image = _read_dicom_series(p)
@@ -103,6 +105,56 @@ def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volum
     vol = from_sitk(image, case_name(p))
     vol.meta["path"] = str(p)
     return vol
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data ends before its header says (an interrupted copy or
+    download) or whose gzip stream is damaged. NRRD and MetaImage readers refuse such files
+    themselves."""
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(544)
+            expected = _nifti_data_end(header, struct)
+            if expected is None:
+                return  # not a header we know: let the reader decide
+            if opener is open:
+                total = os.path.getsize(path)
+            else:
+                total = len(header)
+                while chunk := f.read(1 << 22):
+                    total += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        raise InputError(f"{path}: the compressed data is damaged or ends early ({exc.__class__.__name__}): "
+                         "an interrupted copy? Copy the file again") from None
+    if total < expected:
+        raise InputError(f"{path}: the image data ends early ({total:,} of {expected:,} bytes): an interrupted "
+                         "copy? Copy the file again")
+
+
+def _nifti_data_end(header: bytes, struct) -> int | None:
+    """Byte offset where a NIfTI-1/2 file's voxel data ends, from its header (None if not NIfTI)."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        n = int(dims[0])
+        if not 1 <= n <= 7 or bitpix <= 0:
+            return None
+        voxels = int(np.prod([max(int(d), 1) for d in dims[1:n + 1]], dtype=np.int64))
+        return max(offset, 348) + voxels * bitpix // 8
+    return None
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -164,6 +216,21 @@ def check_ct(volume: Volume) -> None:
 
 
 # --- writing -----------------------------------------------------------------------------
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask alone would set
+    it for a moment, and a worker thread creating a file then would get the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path`` (same extension); rename over ``path`` on success."""
@@ -174,6 +241,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs follow the umask like any tool's
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

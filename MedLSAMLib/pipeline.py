@@ -131,6 +131,9 @@ def list_cohort(images=None, images_dir=None) -> list[Path]:
                 continue
             if p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES):
                 paths.append(p)
+    if not paths and images_dir:
+        raise InputError(f"{images_dir}: no CT files in this folder (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, "
+                         "or one DICOM series per sub-folder)")
     if not paths:
         raise InputError("no input images: give --image or --images-dir")
     names = [case_name(p) for p in paths]
@@ -155,6 +158,18 @@ def segment_one(cohort: CohortSegmenter, path: Path, out_dir: Path, progress=Non
                           f"{exc.__class__.__name__}: {exc}", traceback=traceback.format_exc(limit=5))
 
 
+def prepare_out_dir(out_dir) -> Path:
+    """The output folder, created if needed; a one-line error if the path is a file."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: --out must be a folder, and this is a file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
+    return out_dir
+
+
 def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **extra) -> dict:
     summary = {
         "medlsam_version": __version__,
@@ -172,8 +187,7 @@ def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resum
     """Segment every image in this process; never stop on one failure. Returns (and writes) the summary."""
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(out_dir)
     results: list[CaseResult] = []
     bar = tqdm(images, desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
     for path in bar:

@@ -54,9 +54,12 @@ class MedLSAMCore:
         return self._segmenters[key]
 
     def cohort_segmenter(self, template_dirs, mode="spl", device="auto", segmenter=None,
-                         segmenter_name="litemedsam", checkpoint=None, localizer="auto") -> CohortSegmenter:
+                         segmenter_name="litemedsam", checkpoint=None, localizer="auto",
+                         options=None) -> CohortSegmenter:
+        """``options``: a :class:`SegmentOptions` (default: the CLI's defaults)."""
         localizer = self.localizer(template_dirs, mode, device, localizer=localizer)
-        return CohortSegmenter(localizer, segmenter or self.segmenter(segmenter_name, checkpoint, localizer.device))
+        return CohortSegmenter(localizer, segmenter or self.segmenter(segmenter_name, checkpoint, localizer.device),
+                               options)
 
     # -- operations -------------------------------------------------------------------------
     def localize(self, template_dirs, volume_node, mode="wpl", device="auto", checkpoint=None, localizer="auto") -> dict:
@@ -74,16 +77,18 @@ class MedLSAMCore:
         return segmentation_node
 
     def segment(self, volume_node, template_dirs, segmentation_node=None, mode="spl", device="auto",
-                segmenter=None, progress=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto"):
+                segmenter=None, progress=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto",
+                options=None):
         """Localize and segment one volume into ``segmentation_node`` (created as '<volume> MedLSAM')."""
-        cohort = self.cohort_segmenter(template_dirs, mode, device, segmenter, segmenter_name, checkpoint, localizer)
+        cohort = self.cohort_segmenter(template_dirs, mode, device, segmenter, segmenter_name, checkpoint, localizer,
+                                       options)
         volume = volume_from_node(volume_node)  # one copy of the node's voxels
         labels, record = cohort.segment_volume(volume, progress)
         return self.write_result(volume_node, volume, labels, cohort, segmentation_node), record
 
     def process_cohort(self, volume_nodes, template_dirs, mode="spl", device="auto", segmenter=None,
                        progress_callback=None, cancel_event=None, segmenter_name="litemedsam",
-                       checkpoint=None, localizer="auto") -> list[dict]:
+                       checkpoint=None, localizer="auto", options=None) -> list[dict]:
         """Segment every volume (blocking); one failure does not stop the others; cancel keeps finished results.
 
         ``progress_callback(case_index, case_count, stage)`` is called between stages;
@@ -91,7 +96,7 @@ class MedLSAMCore:
         """
         run = CohortRun(self, volume_nodes, template_dirs, mode=mode, device=device, segmenter=segmenter,
                         segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer,
-                        progress_callback=progress_callback, cancel_event=cancel_event)
+                        progress_callback=progress_callback, cancel_event=cancel_event, options=options)
         while run.poll():
             run.wait(0.05)
         return run.results
@@ -107,11 +112,11 @@ class CohortRun:
 
     def __init__(self, core: MedLSAMCore, volume_nodes, template_dirs, *, mode="spl", device="auto",
                  segmenter=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto",
-                 progress_callback=None, cancel_event=None):
+                 progress_callback=None, cancel_event=None, options=None):
         self.core = core
         self.nodes = list(volume_nodes)
         self.settings = dict(template_dirs=list(template_dirs), mode=mode, device=device, segmenter=segmenter,
-                             segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer)
+                             segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer, options=options)
         self.progress_callback = progress_callback
         self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
         self.results: list[dict] = []
@@ -193,7 +198,8 @@ class CohortRun:
         if self._cohort is None:
             s = self.settings
             self._cohort = self.core.cohort_segmenter(s["template_dirs"], s["mode"], s["device"], s["segmenter"],
-                                                      s["segmenter_name"], s["checkpoint"], s["localizer"])
+                                                      s["segmenter_name"], s["checkpoint"], s["localizer"],
+                                                      s["options"])
         return self._cohort.segment_volume(volume, self._slice_progress)
 
     def _slice_progress(self, done: int, total: int) -> None:

@@ -213,6 +213,8 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
     device = getattr(segmenter, "device", None)
     batch_size = opts.batch_slices or (4 if device is not None and torch.device(device).type == "cuda" else 1)
     done = 0
+    if progress:
+        progress(0, total)  # the total is known (and a cancel request can act) before the first slice
     for window, per_slice in work.items():
         order = sorted(per_slice)
         for b in range(0, len(order), batch_size):

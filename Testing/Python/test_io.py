@@ -153,3 +153,19 @@ def test_label_extent_matches_argwhere_bounds_and_empty_is_slicers_empty_extent(
     assert _label_extent(ijk, 5) == expected == [2, 8, 1, 6, 0, 4]
     assert _label_extent(ijk, 2) == [0, 0, 0, 0, 0, 0]
     assert _label_extent(ijk, 9) == [0, -1, 0, -1, 0, -1]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    import os
+    import stat
+
+    from MedLSAMLib.io import current_umask, write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        write_text_atomic(tmp_path / "out.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == mode

@@ -74,3 +74,52 @@ def test_cohort_listing(tmp_path):
         list_cohort(images_dir=tmp_path)
     with pytest.raises(InputError, match="no input images"):
         list_cohort()
+
+
+def test_a_truncated_ct_is_refused_in_read_localize_and_a_batch(cohort, tmp_path):
+    """An interrupted copy (the first third of a real .nii.gz, and of the same CT uncompressed):
+    a one-line error naming the file, never a scan whose missing part reads as zeros."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    from MedLSAMLib.io import read_ct
+
+    source = hn_case("validation-pats/pt_201")[0]
+    gz = tmp_path / "cut_ct.nii.gz"
+    gz.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    raw = tmp_path / "cut_raw_ct.nii"
+    sitk.WriteImage(sitk.ReadImage(str(source)), str(tmp_path / "whole.nii"))
+    raw.write_bytes((tmp_path / "whole.nii").read_bytes()[:1_500_000])
+    with pytest.raises(InputError, match="damaged or ends early"):
+        read_ct(gz)
+    with pytest.raises(InputError, match="data ends early"):
+        read_ct(raw)
+    assert read_ct(tmp_path / "whole.nii").array.shape == (128, 128, 128)
+
+    tpl = cohort.localizer.templates[0].directory
+    proc = subprocess.run([sys.executable, "-m", "MedLSAMLib", "localize", "--template", str(tpl), "--image", str(gz),
+                           "--out", str(tmp_path / "boxes.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "cut_ct.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "boxes.json").exists()
+
+    out = tmp_path / "out"
+    summary = run_cohort(cohort, [gz, hn_case("validation-pats/pt_202")[0]], out, show_progress=False)
+    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 1}
+    assert "ends early" in summary["cases"][0]["error"] and not (out / "cut_ct_labels.nii.gz").exists()
+
+
+def test_out_naming_a_file_and_an_empty_images_dir_get_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(InputError, match="no CT files in this folder"):
+        list_cohort(images_dir=tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "-m", "MedLSAMLib", "segment", "--template", str(tmp_path), "--image",
+                           str(hn_case("validation-pats/pt_201")[0]), "--out", str(tmp_path / "a_file")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("--out must be a folder, and this is a file")

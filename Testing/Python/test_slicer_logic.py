@@ -8,6 +8,7 @@ import pytest
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
+from MedLSAMLib.segment.slices import SegmentOptions
 from MedLSAMLib.templates import template_from_labels
 
 from conftest import OBLIQUE, hn_case, phantom
@@ -103,8 +104,10 @@ def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_canc
     original = core.write_result
     core.write_result = lambda *a, **k: writers.append(threading.current_thread()) or original(*a, **k)
 
+    # SAM on every slice (no shape prior), so that the last case is cancelled between its slices
     run = CohortRun(core, [volume_nodes[0], bad, volume_nodes[1], volume_nodes[2]], [tmp_path / "tpl"],
-                    mode="wpl", device="cpu", segmenter=SlowThresholdSegmenter())
+                    mode="wpl", device="cpu", segmenter=SlowThresholdSegmenter(),
+                    options=SegmentOptions(prior_weight=0.0, slice_step=1))
     polls = 0
     while run.poll():
         polls += 1
