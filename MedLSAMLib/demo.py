@@ -3,8 +3,9 @@
 The CT and segmentation come from the ``slicerio`` package (a chest CT made in 3D Slicer).
 A template is derived from the segmentation; a small cohort is made of the same CT under known
 random affine deformations, crops and noise, so every case has an exact ground truth. The
-default (hybrid) localizer finds the template structures in each case, LiteMedSAM segments them
-and the masks are scored against the truth.
+default (hybrid) localizer finds the template structures in each case, the default segmentation
+(the template's mask carried onto the case, see ``SegmentOptions.prior_weight``; LiteMedSAM for
+structures without one) makes the masks, and they are scored against the truth.
 
 This shows that the pipeline works end to end. It is not a measure of accuracy on new
 patients: the cohort is one patient (the template's own CT, deformed). Held-out accuracy is in

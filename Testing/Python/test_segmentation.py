@@ -1,4 +1,6 @@
 """Segmentation stage: real LiteMedSAM weights, SAM ViT-B plumbing, and the slice runner's geometry."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,31 @@ def test_a_skipped_slice_run_equals_the_full_run_on_its_encoded_slices(litemedsa
     assert timing["slices"] == len(keys) and timing["interpolated_slices"] > 0
     differ = np.count_nonzero(full[keys] != skip[keys])
     assert differ <= 0.001 * full[keys].size, differ  # batching may move a borderline pixel, no more
+
+
+def test_onnx_runtime_encoder_matches_torch_on_real_slices(tmp_path):
+    """The exported encoder (ONNX Runtime) against torch on real CT slices: embeddings within
+    1e-4, identical masks; the second load reads the cached model instead of exporting again."""
+    pytest.importorskip("onnxruntime")
+    from MedLSAMLib.segment.runtimes import RUNTIMES
+
+    assert "onnxruntime" in RUNTIMES
+    ct = read_ct(hn_case("validation-pats/pt_201")[0])
+    slices = [window_to_uint8(ct.array[k, 30:110, 20:100]) for k in (40, 60)]
+    reference = LiteMedSAM.load("cpu").use_runtime("torch")
+    fast = LiteMedSAM.load("cpu").use_runtime("onnxruntime", cache_dir=tmp_path)
+    assert fast.runtime == "onnxruntime" and fast.describe()["runtime"] == "onnxruntime"
+    a, b = reference.embed(slices), fast.embed(slices)
+    assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
+    boxes = [[10, 10, 60, 60], [25, 30, 45, 50]]
+    for n in range(2):
+        assert np.array_equal(reference.decode(a[n], boxes, (80, 80)).numpy() > 0.5,
+                              fast.decode(b[n], boxes, (80, 80)).numpy() > 0.5)
+    folder = fast.encoder.folder
+    stamp = (folder / "encoder.onnx").stat().st_mtime_ns
+    again = LiteMedSAM.load("cpu").use_runtime("onnxruntime", cache_dir=tmp_path)
+    assert again.encoder.folder == folder and (folder / "encoder.onnx").stat().st_mtime_ns == stamp
+    source = json.loads((folder / "source.json").read_text())
+    assert source["source_sha256"] == fast.sha256
+    with pytest.raises(InputError, match="LiteMedSAM only"):
+        SAMViTB.build(None, "cpu").use_runtime("onnxruntime")
