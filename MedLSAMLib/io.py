@@ -116,6 +116,10 @@ def check_nifti_complete(path: Path) -> None:
     import zlib
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    if opener is gzip.open:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return  # not gzip at all: the image reader says it cannot read it
     try:
         with opener(path, "rb") as f:
             header = f.read(544)

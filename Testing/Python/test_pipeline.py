@@ -32,7 +32,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others_then_resumes(cohort, tmp_
     summary = run_cohort(cohort, [good[0], bad, good[1]], out, show_progress=False)
     assert summary["counts"] == {"ok": 2, "skipped": 0, "failed": 1}
     failed = [c for c in summary["cases"] if c["status"] == "failed"][0]
-    assert failed["case"] == "broken_ct" and "cannot read" in failed["error"]
+    assert failed["case"] == "broken_ct" and "damaged or ends early" in failed["error"]
     assert json.loads((out / "summary.json").read_text())["counts"]["failed"] == 1
     assert not any(p.name.startswith(".") for p in out.iterdir()), "no temporary files left"
 
