@@ -115,18 +115,18 @@ def check_nifti_complete(path: Path) -> None:
     import struct
     import zlib
 
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    if opener is gzip.open:
+    compressed = path.name.lower().endswith(".gz")
+    if compressed:
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
                 return  # not gzip at all: the image reader says it cannot read it
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if compressed else open)(path, "rb") as f:
             header = f.read(544)
             expected = _nifti_data_end(header, struct)
             if expected is None:
                 return  # not a header we know: let the reader decide
-            if opener is open:
+            if not compressed:
                 total = os.path.getsize(path)
             else:
                 total = len(header)

@@ -213,7 +213,7 @@ class HybridLocalizer:
             fused = fuse_boxes(boxes[:, s], used, self.fusion.trimmed_from)
             frac = inside_fraction(fused.box, fov)  # judged before open faces reach the data's end
             open_votes = np.stack([self.prepared[t].structures[name].open_faces for t in used])
-            closed = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
+            closed = np.clip(fused.box, fov[0], fov[1]) if keep_stages else None  # stage report only
             fused.box = extend_open_faces(fused.box, open_votes, fov, self.fusion.open_face_share)
             match = float(np.median([local_scores[(t, name)] for t in used]))
             present = frac >= self.fusion.min_inside_fraction
@@ -256,8 +256,9 @@ class HybridLocalizer:
             prob = np.zeros(len(lps), np.float32)
             for t in voters:
                 s = self.prepared[t].structures[name]
-                template_lps = apply_affine(np.linalg.inv(local_maps[(t, name)]), lps)
-                prob += _sample_mask(s.mask, np.linalg.inv(s.mask_ijk_to_lps), template_lps)
+                # query LPS -> template LPS -> template mask voxel, as one matrix over the points
+                query_to_mask = np.linalg.inv(s.mask_ijk_to_lps) @ np.linalg.inv(local_maps[(t, name)])
+                prob += _sample_mask(s.mask, query_to_mask, lps)
             out[name] = (lo[::-1].copy(), (prob / len(voters)).reshape(k.shape))
         return out
 
@@ -304,7 +305,7 @@ def _data_extent(image: QueryImage) -> np.ndarray:
 
 
 def _sample_mask(mask: np.ndarray, lps_to_ijk: np.ndarray, lps: np.ndarray) -> np.ndarray:
-    """Trilinear samples of a uint8 [k, j, i] mask at LPS points (0 outside it)."""
+    """Trilinear samples of a uint8 [k, j, i] mask at points mapped to its voxels by ``lps_to_ijk`` (0 outside it)."""
     ijk = apply_affine(lps_to_ijk, lps)
     shape = np.array(mask.shape[::-1], float)  # (i, j, k) sizes
     grid = 2.0 * ijk / np.maximum(shape - 1, 1) - 1.0  # align_corners=True: voxel centres at +-1

@@ -102,7 +102,6 @@ class _Region:
                 filled += 1
         return filled
 
-
     def blend_prior(self, prior: tuple, weight: float, ax: int, u_ax: int, v_ax: int) -> None:
         """prob = (1 - weight) x prob + weight x prior, the prior given as (offset_kji, [k, j, i] array)."""
         offset, array = prior
