@@ -278,11 +278,13 @@ def _cmd_segment(args) -> int:
             st = c["structures"].get(n)
             text = "-" if not st else ("absent" if not st["present"] else f"{st['confidence']:.2f}")
             cells.append(f"{text:>12}")
-        print(f"{c['case']:<24} {c['status']:<8} {c['seconds']:6.1f}  " + "  ".join(cells))
+        status = "earlier" if c.get("resumed") else c["status"]
+        print(f"{c['case']:<24} {status:<8} {c['seconds']:6.1f}  " + "  ".join(cells))
         if c["error"]:
             print(f"    error: {c['error']}")
     counts = summary["counts"]
-    print(f"\n{counts['ok']} segmented, {counts['skipped']} already complete, {counts['failed']} failed; "
+    print(f"\n{counts['ok'] - counts['resumed']} segmented, {counts['resumed']} finished earlier (--resume), "
+          f"{counts['failed']} failed; "
           f"outputs in {args.out} (confidence per structure above; review < {REVIEW_BELOW})")
     return 1 if counts["failed"] else 0
 

@@ -29,7 +29,7 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
 from .io import case_name
 from .localize import usable_cores
 from .localizers import LocalizerSpec
-from .pipeline import CaseResult, CohortSegmenter, is_complete, prepare_out_dir, segment_one, write_summary
+from .pipeline import CaseResult, CohortSegmenter, output_lock, prepare_out_dir, resumed_result, segment_one, write_summary
 from .segment.backends import load_segmenter
 from .segment.slices import SegmentOptions
 
@@ -106,50 +106,51 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
     from tqdm import tqdm
 
     out_dir = prepare_out_dir(Path(out_dir).resolve())
-    results: dict[str, CaseResult] = {}
-    todo = []
-    for path in images:
-        case = case_name(path)
-        if resume and is_complete(out_dir, case):
-            results[case] = CaseResult(case, str(path), "skipped")
-        else:
-            todo.append(Path(path).resolve())
-
-    own_cluster = own_client = None
-    if todo:
-        # support features once, here, on CPU: the client may be a login node without a GPU
-        support = recipe.client_support()
-        if client is None:
-            if scheduler:
-                client = own_client = distributed.Client(scheduler)
+    with output_lock(out_dir):  # held by the client: the workers write only their own cases
+        results: dict[str, CaseResult] = {}
+        todo = []
+        for path in images:
+            earlier = resumed_result(out_dir, path) if resume else None
+            if earlier is not None:
+                results[earlier.case] = earlier
             else:
-                n = max(1, workers or 1)
-                own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, usable_cores() // n),
-                                                       processes=True, dashboard_address=None)
-                client = own_client = distributed.Client(own_cluster)
-        try:
-            client.register_plugin(MedLSAMWorkerPlugin(recipe, support), name=PLUGIN_NAME)
-            futures = {client.submit(_segment_case_task, str(p), str(out_dir), pure=False,
-                                     key=f"medlsam-{case_name(p)}-{uuid.uuid4().hex[:8]}"): p
-                       for p in todo}
-            bar = tqdm(total=len(futures), desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
-            for future in distributed.as_completed(futures):
-                path = futures[future]
-                case = case_name(path)
-                try:
-                    results[case] = future.result()
-                except Exception as exc:  # e.g. KilledWorker: its worker died on every retry
-                    results[case] = CaseResult(case, str(path), "failed", 0.0,
-                                               f"{exc.__class__.__name__}: {exc}")
-                bar.set_postfix_str(f"{case} {results[case].status}, "
-                                    f"{len(client.scheduler_info().get('workers', {}))} worker(s)")
-                bar.update()
-            bar.close()
-        finally:
-            if own_client is not None:
-                own_client.close()
-            if own_cluster is not None:
-                own_cluster.close()
+                todo.append(Path(path).resolve())
 
-    ordered = [results[case_name(p)] for p in images]
-    return write_summary(out_dir, recipe.template_dirs, ordered, executor="dask")
+        own_cluster = own_client = None
+        if todo:
+            # support features once, here, on CPU: the client may be a login node without a GPU
+            support = recipe.client_support()
+            if client is None:
+                if scheduler:
+                    client = own_client = distributed.Client(scheduler)
+                else:
+                    n = max(1, workers or 1)
+                    own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, usable_cores() // n),
+                                                           processes=True, dashboard_address=None)
+                    client = own_client = distributed.Client(own_cluster)
+            try:
+                client.register_plugin(MedLSAMWorkerPlugin(recipe, support), name=PLUGIN_NAME)
+                futures = {client.submit(_segment_case_task, str(p), str(out_dir), pure=False,
+                                         key=f"medlsam-{case_name(p)}-{uuid.uuid4().hex[:8]}"): p
+                           for p in todo}
+                bar = tqdm(total=len(futures), desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
+                for future in distributed.as_completed(futures):
+                    path = futures[future]
+                    case = case_name(path)
+                    try:
+                        results[case] = future.result()
+                    except Exception as exc:  # e.g. KilledWorker: its worker died on every retry
+                        results[case] = CaseResult(case, str(path), "failed", 0.0,
+                                                   f"{exc.__class__.__name__}: {exc}")
+                    bar.set_postfix_str(f"{case} {results[case].status}, "
+                                        f"{len(client.scheduler_info().get('workers', {}))} worker(s)")
+                    bar.update()
+                bar.close()
+            finally:
+                if own_client is not None:
+                    own_client.close()
+                if own_cluster is not None:
+                    own_cluster.close()
+
+        ordered = [results[case_name(p)] for p in images]
+        return write_summary(out_dir, recipe.template_dirs, ordered, executor="dask")

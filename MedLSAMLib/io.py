@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,22 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# ".<target name>.<8 random characters>.tmp<target extension>", as atomic_path names them
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z.]+)?$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporaries that :func:`atomic_path` left in ``folder`` when a process was killed
+    mid-write. Only for a folder no other writer is using (the batch holds its output lock)."""
+    removed = []
+    for p in Path(folder).iterdir():
+        if p.is_file() and _TEMPORARY.match(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p.name)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

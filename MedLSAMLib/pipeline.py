@@ -4,11 +4,14 @@ Per case, in OUTDIR: ``<case>.seg.nrrd`` (Slicer segmentation), ``<case>_labels.
 map) and ``<case>.json`` (boxes, confidences, timings, models). Each file is written atomically
 and the JSON last, so a case is complete exactly when its JSON says ``"status": "ok"`` and the
 other two files exist; ``resume`` skips such cases. A failing case is recorded in
-``OUTDIR/summary.json`` with its error and the batch goes on.
+``OUTDIR/summary.json`` with its error and the batch goes on. One batch writes into a folder at a
+time (:func:`output_lock`); a second one pointed at the same folder is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import time
 import traceback
@@ -19,7 +22,8 @@ import numpy as np
 
 from . import __version__
 from .errors import USER_ERRORS, InputError
-from .io import Volume, case_name, read_ct, write_segmentation, write_text_atomic, write_volume
+from .io import (Volume, case_name, read_ct, remove_stale_temporaries, write_segmentation, write_text_atomic,
+                 write_volume)
 from .preprocess import SAM_WINDOW
 from .segment.slices import SegmentOptions, StructureRequest, segment_volume
 
@@ -28,11 +32,18 @@ from .segment.slices import SegmentOptions, StructureRequest, segment_volume
 class CaseResult:
     case: str
     image: str
-    status: str  # "ok", "skipped" (already complete), "failed"
+    status: str  # "ok" or "failed"
     seconds: float = 0.0
     error: str | None = None
     structures: dict = field(default_factory=dict)
     traceback: str | None = None  # for unexpected errors only (bugs), not for user errors
+    resumed: bool = False  # "ok" from an earlier run's complete outputs (``--resume``), not redone
+
+
+def structure_summary(structures: dict) -> dict:
+    """What a batch summary keeps of each localized / segmented structure."""
+    return {name: {"present": r["present"], "confidence": r["confidence"], "voxels": r.get("voxels", 0)}
+            for name, r in structures.items()}
 
 
 def prompt_boxes(structure: dict, prompt: str) -> list:
@@ -48,14 +59,55 @@ def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
             "json": out_dir / f"{case}.json"}
 
 
-def is_complete(out_dir: Path, case: str) -> bool:
+def _complete_record(out_dir: Path, case: str) -> dict | None:
+    """The case's record if all its outputs exist and the record says ``ok`` (it is written last)."""
     paths = output_paths(out_dir, case)
     if not all(p.is_file() for p in paths.values()):
-        return False
+        return None
     try:
-        return json.loads(paths["json"].read_text(encoding="utf-8")).get("status") == "ok"
-    except (OSError, json.JSONDecodeError):
-        return False
+        record = json.loads(paths["json"].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") == "ok" else None
+
+
+def is_complete(out_dir: Path, case: str) -> bool:
+    return _complete_record(Path(out_dir), case) is not None
+
+
+def resumed_result(out_dir: Path, path: Path) -> CaseResult | None:
+    """A finished case's result as its own record gives it (for ``--resume``), or None if not finished."""
+    case = case_name(path)
+    record = _complete_record(Path(out_dir), case)
+    if record is None:
+        return None
+    return CaseResult(case, str(path), "ok", float(record.get("timing_s", {}).get("total", 0.0)),
+                      structures=structure_summary(record.get("structures", {})), resumed=True)
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """Hold the output folder for one batch: a second batch pointed at it fails at once with a
+    one-line error instead of both writing the same cases. An advisory lock on the folder itself
+    (nothing is created in it); the system drops it when the process ends, even on SIGKILL, so a
+    killed batch never leaves a stale lock. Once held, the temporaries of a writer killed
+    mid-write are removed. No lock where the platform has no ``flock`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"{out_dir}: another medlsam batch is writing into this folder; wait for it to "
+                             "finish or choose another --out") from None
+        remove_stale_temporaries(out_dir)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class CohortSegmenter:
@@ -114,8 +166,7 @@ class CohortSegmenter:
         record.update({"case": case, "status": "ok", "outputs": {k: p.name for k, p in paths.items()}})
         write_text_atomic(paths["json"], json.dumps(record, indent=1) + "\n")  # last: marks the case complete
         return CaseResult(case, str(image_path), "ok", time.perf_counter() - t0,
-                          structures={n: {"present": r["present"], "confidence": r["confidence"],
-                                          "voxels": r.get("voxels", 0)} for n, r in record["structures"].items()})
+                          structures=structure_summary(record["structures"]))
 
 
 def list_cohort(images=None, images_dir=None) -> list[Path]:
@@ -159,7 +210,8 @@ def segment_one(cohort: CohortSegmenter, path: Path, out_dir: Path, progress=Non
 
 
 def prepare_out_dir(out_dir) -> Path:
-    """The output folder, created if needed; a one-line error if the path is a file."""
+    """The output folder, created if needed; a one-line error if the path is a file or another batch
+    is writing into it (checked here too so that the CLI fails before loading any model)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: --out must be a folder, and this is a file")
@@ -167,6 +219,8 @@ def prepare_out_dir(out_dir) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
+    with output_lock(out_dir):
+        pass
     return out_dir
 
 
@@ -176,7 +230,9 @@ def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **ext
         "templates": [str(t) for t in template_dirs],
         **extra,
         "cases": [r.__dict__ for r in results],
-        "counts": {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")},
+        # "ok" counts every finished case, "resumed" those of them finished by an earlier run
+        "counts": {"ok": sum(r.status == "ok" for r in results), "failed": sum(r.status == "failed" for r in results),
+                   "resumed": sum(r.resumed for r in results)},
     }
     write_text_atomic(Path(out_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
@@ -189,22 +245,24 @@ def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resum
 
     out_dir = prepare_out_dir(out_dir)
     results: list[CaseResult] = []
-    bar = tqdm(images, desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
-    for path in bar:
-        case = case_name(path)
-        bar.set_postfix_str(case)
-        if resume and is_complete(out_dir, case):
-            results.append(CaseResult(case, str(path), "skipped"))
-            continue
-        slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False, disable=not show_progress)
+    with output_lock(out_dir):
+        bar = tqdm(images, desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
+        for path in bar:
+            case = case_name(path)
+            bar.set_postfix_str(case)
+            earlier = resumed_result(out_dir, path) if resume else None
+            if earlier is not None:
+                results.append(earlier)
+                continue
+            slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False, disable=not show_progress)
 
-        def progress(done, total, _bar=slice_bar):
-            _bar.total = total
-            _bar.n = done
-            _bar.refresh()
+            def progress(done, total, _bar=slice_bar):
+                _bar.total = total
+                _bar.n = done
+                _bar.refresh()
 
-        try:
-            results.append(segment_one(cohort, path, out_dir, progress))
-        finally:
-            slice_bar.close()
-    return write_summary(out_dir, [t.directory for t in cohort.localizer.templates], results, executor="local")
+            try:
+                results.append(segment_one(cohort, path, out_dir, progress))
+            finally:
+                slice_bar.close()
+        return write_summary(out_dir, [t.directory for t in cohort.localizer.templates], results, executor="local")

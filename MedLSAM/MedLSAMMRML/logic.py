@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from MedLSAMLib.errors import USER_ERRORS
 from MedLSAMLib.localizers import LocalizerSpec
-from MedLSAMLib.pipeline import CohortSegmenter
+from MedLSAMLib.pipeline import CohortSegmenter, structure_summary
 
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
 
@@ -182,8 +182,7 @@ class CohortRun:
             entry.update(status="failed", error=f"{exc.__class__.__name__}: {exc}",
                          traceback=traceback.format_exc(limit=5))
         else:
-            structures = {n: {"present": r["present"], "confidence": r["confidence"], "voxels": r.get("voxels", 0)}
-                          for n, r in record["structures"].items()}
+            structures = structure_summary(record["structures"])
             entry.update(status="ok", segmentation=seg_node.GetID(), structures=structures,
                          review=[n for n, s in structures.items()
                                  if not s["present"] or s["confidence"] < LOW_CONFIDENCE or not s["voxels"]])

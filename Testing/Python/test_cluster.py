@@ -89,7 +89,7 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
         assert victim not in client.run(os.getpid).values(), "the killed worker is gone (the nanny started a new one)"
 
     summary = json.loads((out / "summary.json").read_text())
-    assert result["counts"] == summary["counts"] == {"ok": 3, "skipped": 0, "failed": 1}
+    assert result["counts"] == summary["counts"] == {"ok": 3, "failed": 1, "resumed": 0}
     assert summary["executor"] == "dask"
     assert [c["case"] for c in summary["cases"]] == ["pt_201_ct", "broken_ct", "pt_202_ct", "pt_203_ct"]
     assert "damaged or ends early" in summary["cases"][1]["error"]  # gzip magic, then junk
@@ -108,5 +108,5 @@ def test_resume_under_dask_skips_complete_cases_without_starting_a_cluster(templ
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     summary = run_cohort_dask(recipe, images, tmp_path, resume=True, scheduler="tcp://127.0.0.1:1",  # never contacted
                               show_progress=False)
-    assert summary["counts"] == {"ok": 0, "skipped": 2, "failed": 0}
+    assert summary["counts"] == {"ok": 2, "failed": 0, "resumed": 2}
     assert all(before[p.name] == p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "summary.json")

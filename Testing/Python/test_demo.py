@@ -11,7 +11,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| right lung |" in r.stdout and "seg.nrrd" in r.stdout
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["batch"] == {"ok": 1, "skipped": 0, "failed": 0}
+    assert summary["batch"] == {"ok": 1, "failed": 0, "resumed": 0}
     assert (out / "results" / "case01.seg.nrrd").exists()
     assert (out / "results" / "evaluation" / "montage.png").exists()
     # every structure was scored (none silently dropped)

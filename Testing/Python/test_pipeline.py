@@ -30,7 +30,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others_then_resumes(cohort, tmp_
     bad.write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "out"
     summary = run_cohort(cohort, [good[0], bad, good[1]], out, show_progress=False)
-    assert summary["counts"] == {"ok": 2, "skipped": 0, "failed": 1}
+    assert summary["counts"] == {"ok": 2, "failed": 1, "resumed": 0}
     failed = [c for c in summary["cases"] if c["status"] == "failed"][0]
     assert failed["case"] == "broken_ct" and "damaged or ends early" in failed["error"]
     assert json.loads((out / "summary.json").read_text())["counts"]["failed"] == 1
@@ -50,10 +50,11 @@ def test_batch_with_a_corrupt_file_finishes_the_others_then_resumes(cohort, tmp_
             assert (labels.array == s["labelValue"]).sum() == rec["structures"][s["name"]]["voxels"]
         assert {"localize", "encode", "decode", "total"} <= set(rec["timing_s"])
 
-    # resume: finished cases are skipped and untouched; the broken one is tried again
+    # resume: finished cases are kept untouched and reported as recorded; the broken one is tried again
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = run_cohort(cohort, [good[0], bad, good[1]], out, resume=True, show_progress=False)
-    assert again["counts"] == {"ok": 0, "skipped": 2, "failed": 1}
+    assert again["counts"] == {"ok": 2, "failed": 1, "resumed": 2}
+    assert [c["structures"] for c in again["cases"]] == [c["structures"] for c in summary["cases"]]
     assert all(before[p.name] == p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.json")
 
 
@@ -106,7 +107,7 @@ def test_a_truncated_ct_is_refused_in_read_localize_and_a_batch(cohort, tmp_path
 
     out = tmp_path / "out"
     summary = run_cohort(cohort, [gz, hn_case("validation-pats/pt_202")[0]], out, show_progress=False)
-    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 1}
+    assert summary["counts"] == {"ok": 1, "failed": 1, "resumed": 0}
     assert "ends early" in summary["cases"][0]["error"] and not (out / "cut_ct_labels.nii.gz").exists()
 
 
