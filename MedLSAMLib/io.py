@@ -169,8 +169,59 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputError(f"{folder}: folder holds no DICOM series")
     if len(series) > 1:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series; put one series per folder")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_slice_positions(folder, files)
+    reader.SetFileNames(files)
     return reader.Execute()
+
+
+def _check_slice_positions(folder: Path, files) -> None:
+    """Refuse a series that is not one regular stack: a missing slice, two slices at one position,
+    or uneven spacing (ITK would stack such slices as if evenly spaced, misplacing every box).
+    Only the headers are read; a slice whose header cannot be read is named."""
+    positions, normal = [], None
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        try:
+            header.ReadImageInformation()
+        except RuntimeError:
+            raise InputError(f"{folder}: cannot read the DICOM slice {Path(name).name} (damaged or not DICOM); "
+                             "export the series again") from None
+        if not (header.HasMetaDataKey("0020|0032") and header.HasMetaDataKey("0020|0037")):
+            return  # no patient position (e.g. a secondary capture): nothing to check against
+        try:
+            position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
+            orientation = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+        except ValueError:
+            raise InputError(f"{folder}: the DICOM slice {Path(name).name} has an unreadable position or "
+                             "orientation; export the series again") from None
+        if normal is None:
+            normal = np.cross(orientation[:3], orientation[3:6])
+        positions.append(float(np.dot(position, normal)))
+    if len(positions) < 3:
+        return
+    z = np.sort(positions)
+    gaps = np.diff(z)
+    step = float(np.median(gaps))
+    tolerance = max(0.01 * step, 0.01)  # mm: positions are printed with a few decimals
+    if step <= tolerance or np.any(gaps <= tolerance):
+        at = z[1:][gaps <= tolerance][0] if np.any(gaps <= tolerance) else z[0]
+        raise InputError(f"{folder}: two DICOM slices at the same position ({at:.2f} mm); the folder mixes "
+                         "series or holds a duplicate: keep one series per folder")
+    bad = np.flatnonzero(np.abs(gaps - step) > tolerance)
+    if len(bad):
+        k = int(bad[0])
+        what = (f"a missing slice: {gaps[k]:.2f} mm between the slices at {z[k]:.2f} and {z[k + 1]:.2f} mm where "
+                f"the others are {step:.2f} mm apart" if abs(gaps[k] / step - round(gaps[k] / step)) < 0.1
+                and gaps[k] > step else f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm)")
+        listed = {Path(f).name for f in files}
+        unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in listed
+                        and not p.name.startswith("."))
+        hint = f" ({len(unread)} file(s) of the folder could not be read as part of it: {', '.join(unread[:3])})" \
+            if unread else ""
+        raise InputError(f"{folder}: DICOM series with {what}{hint}; MedLSAM needs evenly spaced slices: export "
+                         "the complete series (or resample it to a regular grid) and try again")
 
 
 def read_json(path: str | os.PathLike, what: str, missing_hint: str = ""):

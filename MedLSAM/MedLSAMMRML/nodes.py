@@ -6,6 +6,8 @@ Parent transforms are applied (linear only); input nodes are never modified.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import slicer
 import vtk
@@ -13,7 +15,7 @@ from vtk.util import numpy_support
 
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import POINT_NAMES, Geometry, lps_to_ras, ras_to_lps
-from MedLSAMLib.io import Volume
+from MedLSAMLib.io import Volume, check_nifti_complete
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -55,12 +57,25 @@ def volume_from_node(volume_node) -> Volume:
         raise InputError("the selected volume has no image data")
     if image.GetNumberOfScalarComponents() != 1:
         raise InputError(f"{volume_node.GetName()}: not a scalar volume")
+    check_loaded_file(volume_node)
     dims = image.GetDimensions()
     array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).astype(np.float32)
     geometry = geometry_from_ijk_to_ras(ijk_to_world_ras(volume_node), dims)
     volume = Volume(array, geometry, volume_node.GetName())  # astype copied: the node is untouched
     volume.meta["path"] = volume_node.GetName()
     return volume
+
+
+def check_loaded_file(volume_node) -> None:
+    """Refuse a volume loaded from a NIfTI file whose data ends early: Slicer's reader, like ITK's,
+    loads an interrupted copy without complaint and the missing part shows as zeros."""
+    storage = volume_node.GetStorageNode()
+    path = storage.GetFileName() if storage is not None else None
+    if path and path.lower().endswith((".nii", ".nii.gz")) and Path(path).is_file():
+        try:
+            check_nifti_complete(Path(path))
+        except InputError as exc:
+            raise InputError(f"{volume_node.GetName()}: loaded from {exc}") from None
 
 
 def _oriented_image(mask: np.ndarray, geometry: Geometry):

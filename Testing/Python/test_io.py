@@ -24,30 +24,59 @@ def test_write_read_keeps_geometry(tmp_path, geometry, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
-def test_dicom_series_folder(tmp_path):
-    geom = Geometry([-100.0, -80.0, 40.0], [0.9, 0.9, 2.0], np.eye(3), (24, 20, 6))
-    vol = phantom(geom, geom.ijk_to_lps([12, 10, 3]), 6.0)
-    image = sitk.Cast(io.to_sitk(vol), sitk.sitkInt16)
-    series = tmp_path / "CT_series"
-    series.mkdir()
+def write_dicom_series(image: sitk.Image, folder, skip=(), shift_mm=None):
+    """One CT slice per file, as a scanner exports them; ``skip``: slice indices left out,
+    ``shift_mm``: {index: mm} moved along the slice normal (uneven spacing)."""
+    folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     uid = "1.2.826.0.1.3680043.2.1125.1"
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    row_col = "\\".join(f"{v:.6f}" for v in [*d[:, 0], *d[:, 1]])
+    spacing = image.GetSpacing()
     for k in range(image.GetDepth()):
+        if k in skip:
+            continue
         sl = image[:, :, k]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in (("0008|0060", "CT"), ("0020|000e", uid), ("0020|0032", "\\".join(map(str, origin))),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k + 1)),
-                           ("0028|0030", "0.9\\0.9"), ("0018|0050", "2.0")):
+        origin = np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + d[:, 2] * (shift_mm or {}).get(k, 0.0)
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", uid), ("0020|0032", "\\".join(f"{v:.4f}" for v in origin)),
+                           ("0020|0037", row_col), ("0020|0013", str(k + 1)),
+                           ("0028|0030", f"{spacing[1]}\\{spacing[0]}"), ("0018|0050", str(spacing[2]))):
             sl.SetMetaData(tag, value)
-        writer.SetFileName(str(series / f"{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
         writer.Execute(sl)
+    return folder
+
+
+def test_dicom_series_folder(tmp_path):
+    geom = Geometry([-100.0, -80.0, 40.0], [0.9, 0.9, 2.0], np.eye(3), (24, 20, 6))
+    vol = phantom(geom, geom.ijk_to_lps([12, 10, 3]), 6.0)
+    series = write_dicom_series(sitk.Cast(io.to_sitk(vol), sitk.sitkInt16), tmp_path / "CT_series")
     back = io.read_ct(series)
     assert back.name == "CT_series" and io.case_name(series) == "CT_series"
     assert back.geometry.size == geom.size
     assert np.allclose(back.geometry.origin, geom.origin, atol=1e-3)
     assert np.allclose(back.geometry.spacing, geom.spacing, atol=1e-3)
     assert np.array_equal(back.array, vol.array)
+
+
+def test_dicom_series_that_is_not_a_regular_stack_is_refused(tmp_path):
+    """ITK would stack these as if evenly spaced; every box would then be misplaced."""
+    geom = Geometry([-100.0, -80.0, 40.0], [0.9, 0.9, 2.0], OBLIQUE, (16, 16, 8))
+    image = sitk.Cast(io.to_sitk(phantom(geom, geom.ijk_to_lps([8, 8, 4]), 5.0)), sitk.sitkInt16)
+    assert io.read_ct(write_dicom_series(image, tmp_path / "whole")).geometry.size == geom.size
+    with pytest.raises(InputError, match=r"missing slice: 4\.00 mm between .* the others are 2\.00 mm apart") as exc:
+        io.read_ct(write_dicom_series(image, tmp_path / "gap", skip={4}))
+    assert str(exc.value).startswith(str(tmp_path / "gap")) and "\n" not in str(exc.value)
+    with pytest.raises(InputError, match="uneven slice spacing"):
+        io.read_ct(write_dicom_series(image, tmp_path / "uneven", shift_mm={5: 0.7}))
+    with pytest.raises(InputError, match="two DICOM slices at the same position"):
+        io.read_ct(write_dicom_series(image, tmp_path / "double", shift_mm={5: -2.0}))
+    cut = write_dicom_series(image, tmp_path / "cut")
+    slice_file = cut / "003.dcm"
+    slice_file.write_bytes(slice_file.read_bytes()[:-200])  # pixel data ends early
+    with pytest.raises(InputError, match=r"missing slice.*could not be read as part of it: 003\.dcm"):
+        io.read_ct(cut)
 
 
 def test_read_errors_are_one_line(tmp_path):

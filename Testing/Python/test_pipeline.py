@@ -124,3 +124,29 @@ def test_out_naming_a_file_and_an_empty_images_dir_get_one_line_errors(tmp_path)
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--out must be a folder, and this is a file")
+
+
+def test_a_dicom_series_missing_a_slice_is_refused_in_localize_and_fails_only_its_case(cohort, tmp_path):
+    """A real CT exported as a DICOM series, one slice removed from the middle."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    from test_io import write_dicom_series
+
+    image = sitk.Cast(sitk.ReadImage(str(hn_case("validation-pats/pt_201")[0])), sitk.sitkInt16)
+    series = write_dicom_series(image, tmp_path / "pt_201_dicom", skip={64})
+    tpl = cohort.localizer.templates[0].directory
+    proc = subprocess.run([sys.executable, "-m", "MedLSAMLib", "localize", "--template", str(tpl), "--image",
+                           str(series), "--out", str(tmp_path / "boxes.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "missing slice" in proc.stderr
+    assert str(series) in proc.stderr and not (tmp_path / "boxes.json").exists()
+
+    out = tmp_path / "out"
+    summary = run_cohort(cohort, [series, hn_case("validation-pats/pt_202")[0]], out, show_progress=False)
+    assert [c["status"] for c in summary["cases"]] == ["failed", "ok"]
+    assert "missing slice" in summary["cases"][0]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["pt_202_ct.json", "pt_202_ct.seg.nrrd", "pt_202_ct_labels.nii.gz",
+                                                     "summary.json"]

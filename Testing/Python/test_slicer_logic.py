@@ -138,3 +138,32 @@ def test_self_test_scenario_passes_on_real_mrml(scene, tmp_path):
     seg = scene.GetFirstNodeByName("case01 MedLSAM")
     seg.GetSegmentation().GetNthSegment(0).SetName("renamed")
     assert any("segments" in p for p in check_cohort_results(scene, scenario, results, segmenter=ThresholdSegmenter()))
+
+
+def test_a_volume_loaded_from_a_truncated_nifti_fails_its_case_only(scene, tmp_path):
+    """Slicer's reader (slicer-core's, here) loads an interrupted copy of a real CT without
+    complaint, the missing part as zeros; the logic refuses that case and segments the others."""
+    import SimpleITK as sitk
+
+    source = hn_case("validation-pats/pt_201")[0]
+    whole = tmp_path / "whole.nii"
+    sitk.WriteImage(sitk.ReadImage(str(source)), str(whole))
+    cut = tmp_path / "cut_ct.nii"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+
+    def load(path, name):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        assert storage.ReadData(node)
+        return node
+
+    cut_node, whole_node = load(cut, "cut"), load(whole, "whole")
+    assert cut_node.GetImageData().GetDimensions() == (128, 128, 128)  # loaded, silently incomplete
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
+    results = MedLSAMCore(scene).process_cohort([cut_node, whole_node], [tmp_path / "tpl"], mode="wpl",
+                                                device="cpu", segmenter=ThresholdSegmenter())
+    assert [r["status"] for r in results] == ["failed", "ok"]
+    assert results[0]["error"].startswith(f"cut: loaded from {cut}: the image data ends early")
