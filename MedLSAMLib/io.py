@@ -351,7 +351,8 @@ def _label_extent(ijk: np.ndarray, label: int) -> list[int]:
 def write_segmentation(labels: Volume, segments: list[dict], path: str | os.PathLike) -> None:
     """Write a label map as a 3D Slicer segmentation (``.seg.nrrd``, one layer).
 
-    ``segments``: dicts with ``name``, ``label`` (value in ``labels``) and ``color`` (RGB 0-1).
+    ``segments``: dicts with ``name``, ``label`` (value in ``labels``), ``color`` (RGB 0-1) and
+    optionally ``terminology`` (slicerio's form, see :mod:`MedLSAMLib.terminology`).
     Segments keep the label map's values, so the file and the label map agree voxel for voxel.
     """
     import slicerio
@@ -368,7 +369,10 @@ def write_segmentation(labels: Volume, segments: list[dict], path: str | os.Path
     }
     for s in segments:
         extent = _label_extent(seg["voxels"], s["label"])
-        seg["segments"].append({"id": s["name"], "name": s["name"], "labelValue": int(s["label"]), "layer": 0,
-                                "color": [float(c) for c in s["color"]], "extent": extent})
+        segment = {"id": s["name"], "name": s["name"], "labelValue": int(s["label"]), "layer": 0,
+                   "color": [float(c) for c in s["color"]], "extent": extent}
+        if s.get("terminology"):
+            segment["terminology"] = s["terminology"]
+        seg["segments"].append(segment)
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), seg)

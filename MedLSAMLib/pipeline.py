@@ -158,8 +158,9 @@ class CohortSegmenter:
         label_volume = volume.with_array(labels.astype(np.uint16 if labels.max() > 255 else np.uint8))
         t_write = time.perf_counter()
         write_volume(label_volume, paths["labels"])
-        write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color}
-                                          for s in self.structures.values()], paths["seg"])
+        write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color,
+                                           "terminology": s.terminology} for s in self.structures.values()],
+                           paths["seg"])
         record["timing_s"]["write"] = round(time.perf_counter() - t_write, 3)
         record["timing_s"]["read"] = round(t_read - t0, 3)
         record["timing_s"]["total"] = round(time.perf_counter() - t0, 3)  # read + localize + segment + write

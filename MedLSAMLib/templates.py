@@ -2,7 +2,7 @@
 
 On disk a template is a folder::
 
-    template.json            manifest: image path, structures (name, label, color, window)
+    template.json            manifest: image path, structures (name, label, color, window, terminology)
     <Structure>.mrk.json     the six extreme points, a Slicer markups file (LPS)
 
 ``template.json`` is plain data; nothing read from it is executed.
@@ -21,6 +21,7 @@ from .errors import InputError
 from .geometry import POINT_NAMES, Geometry, point_axis, validate_extreme_points
 from .io import Volume, read_ct, read_json, read_labels, write_text_atomic
 from .markups import read_markups, write_markups
+from .terminology import check_terminology, terminology_for
 
 MANIFEST = "template.json"
 FORMAT = "medlsam-template"
@@ -54,6 +55,7 @@ class Structure:
     points: np.ndarray  # (6, 3) LPS mm in POINT_NAMES order
     color: tuple[float, float, float] = (1.0, 0.5, 0.0)
     window: tuple[float, float] | None = None  # SAM display window in HU, if not the default
+    terminology: dict | None = None  # standard codes (see MedLSAMLib.terminology), carried into .seg.nrrd
 
     def __post_init__(self):
         check_structure_name(self.name)
@@ -69,6 +71,8 @@ class Structure:
             if not hi > lo:
                 raise InputError(f"structure {self.name}: window must be [low, high] with low < high")
             self.window = (lo, hi)
+        if self.terminology is not None:
+            self.terminology = check_terminology(self.terminology, f"structure {self.name}")
 
     def point(self, name: str) -> np.ndarray:
         return self.points[POINT_NAMES.index(name)]
@@ -121,6 +125,8 @@ def save_template(template: Template, directory: str | os.PathLike) -> Path:
         entry = {"name": s.name, "label": s.label, "color": [round(c, 4) for c in s.color], "points": mrk}
         if s.window is not None:
             entry["window"] = list(s.window)
+        if s.terminology is not None:
+            entry["terminology"] = s.terminology
         entries.append(entry)
     manifest = {"format": FORMAT, "version": VERSION, "image": _path_ref(template.image_path, d),
                 "structures": entries}
@@ -168,8 +174,11 @@ def load_template(directory: str | os.PathLike) -> Template:
         if not isinstance(points_file, str) or Path(points_file).name != points_file:
             raise InputError(f"{manifest_path}: structure {name}: 'points' must be a file name inside the template folder")
         _, points = read_markups(d / points_file)
+        if e.get("terminology") is not None:
+            check_terminology(e["terminology"], f"{manifest_path}: structure {name}")
         s = Structure(name=name, label=e["label"], points=points,
-                      color=tuple(e.get("color") or default_color(e["label"])), window=e.get("window"))
+                      color=tuple(e.get("color") or default_color(e["label"])), window=e.get("window"),
+                      terminology=e.get("terminology"))
         if s.name in template.structures:
             raise InputError(f"{manifest_path}: structure {s.name} is listed twice")
         if s.label in labels_seen:
@@ -222,7 +231,7 @@ def template_from_labels(image_path, labels_path, structures: list[tuple[int, st
             raise InputError(f"structure {name} (label {label}) is absent from {labels_path} (labels present: {present})")
         points = extreme_points_from_mask(mask, labels.geometry)
         template.structures[name] = Structure(name, int(label), points, default_color(label),
-                                              (windows or {}).get(name))
+                                              (windows or {}).get(name), terminology_for(name))
     save_template(template, out_dir)
     return template
 

@@ -16,6 +16,7 @@ from vtk.util import numpy_support
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import POINT_NAMES, Geometry, lps_to_ras, ras_to_lps
 from MedLSAMLib.io import Volume, check_nifti_complete
+from MedLSAMLib.terminology import to_slicer_string
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -98,7 +99,8 @@ def _oriented_image(mask: np.ndarray, geometry: Geometry):
 def write_labels_to_segmentation(labels: Volume, structures, segmentation_node, reference_volume_node=None) -> None:
     """Replace the node's segments by one segment per structure (name, colour, mask from ``labels``).
 
-    ``structures``: objects with ``name``, ``label`` and ``color`` (MedLSAMLib template structures).
+    ``structures``: objects with ``name``, ``label``, ``color`` and optionally ``terminology``
+    (MedLSAMLib template structures).
     """
     segmentation = segmentation_node.GetSegmentation()
     segmentation.RemoveAllSegments()
@@ -106,6 +108,8 @@ def write_labels_to_segmentation(labels: Volume, structures, segmentation_node, 
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     for s in structures:
         segment_id = segmentation.AddEmptySegment(s.name, s.name, list(s.color))
+        if getattr(s, "terminology", None):
+            segmentation.GetSegment(segment_id).SetTerminology(to_slicer_string(s.terminology))
         mask = labels.array == s.label
         if mask.any():
             image = _oriented_image(mask, labels.geometry)

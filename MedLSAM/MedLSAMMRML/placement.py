@@ -22,6 +22,7 @@ from MedLSAMLib.geometry import POINT_NAMES, extreme_point_problems, ras_to_lps
 from MedLSAMLib.io import write_volume
 from MedLSAMLib.templates import (Structure, Template, check_structure_name, default_color, extreme_points_from_mask,
                                   load_template, save_template)
+from MedLSAMLib.terminology import terminology_for
 
 from .nodes import add_volume_node, geometry_from_ijk_to_ras, node_geometry, set_markups_points, volume_from_node
 
@@ -146,7 +147,7 @@ def save_template_set(volume_node, placement_nodes, directory) -> Path:
         color = tuple(display.GetSelectedColor()) if display is not None else None
         label = int(node.GetAttribute(LABEL_ATTRIBUTE) or len(structures) + 1)
         structures[name] = Structure(name, label, np.array([points[n] for n in POINT_NAMES]),
-                                     color or default_color(label))
+                                     color or default_color(label), terminology=terminology_for(name))
     if not structures:
         raise InputError("add at least one structure to the template")
     directory = Path(directory)

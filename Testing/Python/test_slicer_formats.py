@@ -72,3 +72,67 @@ def test_segmentation_written_by_medlsam_loads_in_mrml(scene, tmp_path):
         full = np.zeros_like(ball, dtype=bool)
         full[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = arr == seg.GetNthSegment(n).GetLabelValue()
         assert np.array_equal(full, ball == value)
+
+
+def test_seg_nrrd_of_a_head_and_neck_template_carries_terminology_slicer_reads(scene, tmp_path):
+    """Template from the shared head-and-neck labels -> `medlsam segment`'s .seg.nrrd -> read back
+    with slicerio and with Slicer's own storage node: the standard codes survive."""
+    import slicerio
+
+    from MedLSAMLib.localize import TemplateLocalizer
+    from MedLSAMLib.pipeline import CohortSegmenter
+    from MedLSAMLib.terminology import to_slicer_string
+
+    from test_segmentation import ThresholdSegmenter
+
+    scene, _ = scene
+    ct, labels = hn_case("train-pats/pt_1")
+    template = template_from_labels(ct, labels, [(1, "Brainstem"), (3, "RightParotid"), (4, "LeftParotid")],
+                                    tmp_path / "tpl")
+    assert load_template(tmp_path / "tpl").structures["RightParotid"].terminology == template.structures[
+        "RightParotid"].terminology  # kept in template.json
+    cohort = CohortSegmenter(TemplateLocalizer([tmp_path / "tpl"], mode="wpl", device="cpu"), ThresholdSegmenter())
+    result = cohort.segment_case(hn_case("validation-pats/pt_201")[0], tmp_path / "out")
+    path = tmp_path / "out" / f"{result.case}.seg.nrrd"
+
+    by_slicerio = {s["name"]: s.get("terminology") for s in slicerio.read_segmentation(str(path))["segments"]}
+    assert by_slicerio["RightParotid"]["type"] == ["SCT", "45289007", "Parotid gland"]
+    assert by_slicerio["RightParotid"]["typeModifier"] == ["SCT", "24028007", "Right"]
+    assert by_slicerio["LeftParotid"]["typeModifier"] == ["SCT", "7771000", "Left"]
+    assert by_slicerio["Brainstem"]["type"] == ["SCT", "15926001", "Brainstem"]
+
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    seg = node.GetSegmentation()
+    read = {seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i).GetTerminology()
+            for i in range(seg.GetNumberOfSegments())}
+    for name, s in template.structures.items():
+        assert read[name] == to_slicer_string(s.terminology)
+    assert "~SCT^45289007^Parotid gland~SCT^24028007^Right~" in read["RightParotid"]
+
+
+def test_segments_written_into_mrml_carry_terminology(scene):
+    from MedLSAMLib.geometry import Geometry
+    from MedLSAMLib.templates import Structure
+    from MedLSAMLib.terminology import terminology_for
+
+    from MedLSAMMRML import nodes
+
+    scene, _ = scene
+    geom = Geometry([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], np.eye(3), (10, 10, 10))
+    labels = Volume(np.zeros((10, 10, 10), np.uint8), geom, "labels")
+    labels.array[3:6, 3:6, 3:6] = 1
+    pts = np.array([[5, 5, 9.0], [5, 5, 1.0], [1, 5, 5.0], [9, 5, 5.0], [5, 1, 5.0], [5, 9, 5.0]])
+    structures = [Structure("left lung", 1, pts, (0.5, 0.5, 0.9), terminology=terminology_for("left lung")),
+                  Structure("Tumour", 2, pts, (0.9, 0.1, 0.1))]
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    nodes.write_labels_to_segmentation(labels, structures, node)
+    seg = node.GetSegmentation()
+    lung = seg.GetSegment(seg.GetSegmentIdBySegmentName("left lung"))
+    assert lung.GetTerminology().split("~")[2:4] == ["SCT^39607008^Lung", "SCT^7771000^Left"]
+    # no code of ours: Slicer's default entry for a new segment
+    assert seg.GetSegment(seg.GetSegmentIdBySegmentName("Tumour")).GetTerminology() == slicer.vtkSegment().GetTerminology()

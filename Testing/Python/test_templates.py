@@ -156,3 +156,46 @@ def test_template_requires_named_structures(small_template):
     tpl, _ = small_template
     with pytest.raises(InputError, match="Mandible not defined"):
         load_template(tpl).require(["S", "Mandible"])
+
+
+@pytest.mark.parametrize("name, code, side", [
+    ("RightParotid", "45289007", "Right"), ("Parotid_L", "45289007", "Left"), ("left lung", "39607008", "Left"),
+    ("Brain Stem", "15926001", None), ("SpinalCord", "2748008", None), ("Esophagus", "32849002", None),
+    ("oesophagus", "32849002", None), ("Mandible", "91609006", None), ("Larynx", "4596009", None),
+    ("Kidney_R", "64033007", "Right"), ("liver", "10200004", None), ("Lung", "39607008", None),
+])
+def test_known_structure_names_get_standard_terminology(name, code, side):
+    from MedLSAMLib.terminology import terminology_for
+
+    entry = terminology_for(name)
+    assert entry["category"] == ["SCT", "123037004", "Anatomical Structure"] and entry["type"][1] == code
+    assert (entry.get("typeModifier") or [None, None, None])[2] == side
+
+
+def test_unknown_names_get_none_and_the_spine_gets_its_region():
+    from MedLSAMLib.terminology import terminology_for
+
+    assert terminology_for("Tumour") is None and terminology_for("GTV_1") is None
+    assert terminology_for("Right") is None  # a side alone is not a structure
+    spine = terminology_for("thoracic vertebral column")
+    assert spine["type"][2] == "Vertebra" and spine["anatomicRegion"] == ["SCT", "122495006", "Thoracic spine"]
+    assert terminology_for("Brainstem").get("typeModifier") is None  # unpaired: no side even if named
+
+
+def test_bad_terminology_in_a_template_names_file_and_structure(tmp_path):
+    import json
+
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(1, "Brainstem")], tmp_path)
+    manifest = json.loads((tmp_path / "template.json").read_text())
+    assert manifest["structures"][0]["terminology"]["type"] == ["SCT", "15926001", "Brainstem"]
+    for bad, message in (({"type": ["SCT", "1", "x"]}, "needs 'category'"),
+                         ({"category": ["SCT", "1"], "type": ["SCT", "1", "x"]}, "three strings"),
+                         ({"category": ["SCT", "1", "a~b"], "type": ["SCT", "1", "x"]}, "must not contain"),
+                         ({"category": ["SCT", "1", "a"], "type": ["SCT", "1", "x"], "exec": "x"}, "unknown"),
+                         ("Brainstem", "must be an object")):
+        manifest["structures"][0]["terminology"] = bad
+        (tmp_path / "template.json").write_text(json.dumps(manifest))
+        with pytest.raises(InputError, match=message) as exc:
+            load_template(tmp_path)
+        assert "template.json" in str(exc.value) and "Brainstem" in str(exc.value)
