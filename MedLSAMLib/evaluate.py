@@ -11,13 +11,14 @@ import csv
 import io as _io
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .geometry import box_from_points, box_iou, wall_distance
+from .geometry import box_from_points, box_iou, radiological_axial, wall_distance
 from .io import atomic_path, read_labels, read_volume, write_text_atomic
 
 
@@ -163,21 +164,21 @@ def _boxplots(path: Path, rows: list[dict]) -> None:
 
 
 def _montage(path: Path, shown) -> None:
-    """One axial slice per case: reference contours solid, prediction dashed."""
-    from .segment.slices import axes as slice_axes, get_slice
-
+    """One axial slice per case in radiological orientation (anterior up, patient's right on the
+    left): reference contours solid, prediction dashed."""
     plt = _plt()
     fig, axs = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4.2), squeeze=False)
     for ax_plot, (case, rec, gt, pred) in zip(axs[0], shown):
-        ax, _, _ = slice_axes(gt.geometry)
+        ax = gt.geometry.axial_axis
         fg = np.argwhere(gt.array > 0)
         s = int(np.median(fg[:, 2 - ax])) if len(fg) else gt.geometry.size[ax] // 2
+        view = partial(radiological_axial, geometry=gt.geometry, index=s)
         try:
             ct = read_volume(rec["image"]).array
-            ax_plot.imshow(np.clip(get_slice(ct, ax, s), -200, 300), cmap="gray")
+            ax_plot.imshow(np.clip(view(ct), -200, 300), cmap="gray")
         except Exception:  # the CT may have moved; contours alone still tell the story
-            ax_plot.imshow(np.zeros(get_slice(gt.array, ax, s).shape), cmap="gray")
-        g2, p2 = get_slice(gt.array, ax, s), get_slice(pred.array, ax, s)
+            ax_plot.imshow(np.zeros(view(gt.array).shape), cmap="gray")
+        g2, p2 = view(gt.array), view(pred.array)
         fg2 = np.argwhere((g2 > 0) | (p2 > 0))
         if len(fg2):  # zoom on the structures
             (r0, c0), (r1, c1) = fg2.min(0) - 12, fg2.max(0) + 12
@@ -193,7 +194,7 @@ def _montage(path: Path, shown) -> None:
                 ax_plot.contour(g2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2)
             if (p2 == st["label"]).any():
                 ax_plot.contour(p2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2, linestyles="--")
-        ax_plot.set_title(f"{case} slice {s}\nreference solid, MedLSAM dashed", fontsize=8)
+        ax_plot.set_title(f"{case} slice {s} (R | L, anterior up)\nreference solid, MedLSAM dashed", fontsize=8)
         ax_plot.legend(handles=handles, loc="lower center", fontsize=6, framealpha=0.7)  # Dice of the whole 3D mask
         ax_plot.axis("off")
     fig.tight_layout()

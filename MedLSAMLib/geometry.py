@@ -156,6 +156,22 @@ class Geometry:
         )
 
 
+def radiological_axial(array: np.ndarray, geometry: Geometry, index: int) -> np.ndarray:
+    """Axial slice ``index`` (along ``geometry.axial_axis``) of a ``[k, j, i]`` array as a picture is
+    read in radiology: anterior at the top, the patient's right on the image's left, whatever the
+    order and signs of the file's axes (in-plane axes snapped to the nearest of L and P)."""
+    ax = geometry.axial_axis
+    in_plane = [a for a in range(3) if a != ax]
+    x_axis = max(in_plane, key=lambda a: abs(geometry.direction[0, a]))  # the one running right -> left
+    y_axis = next(a for a in in_plane if a != x_axis)  # anterior -> posterior
+    view = np.transpose(array, (2 - ax, 2 - y_axis, 2 - x_axis))[index]
+    if geometry.direction[1, y_axis] < 0:  # rows must run towards posterior (+y in LPS)
+        view = view[::-1, :]
+    if geometry.direction[0, x_axis] < 0:  # columns towards the patient's left (+x in LPS)
+        view = view[:, ::-1]
+    return view
+
+
 def map_points(points, source: Geometry, target: Geometry) -> np.ndarray:
     """Continuous ijk in ``source`` -> continuous ijk in ``target`` (through LPS)."""
     return target.lps_to_ijk(source.ijk_to_lps(points))

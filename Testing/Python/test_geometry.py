@@ -166,3 +166,28 @@ def test_tolerant_box_from_swapped_points():
     with pytest.raises(GeometryError):
         g.box_from_extreme_points(pts)
     assert np.allclose(g.box_from_extreme_points(pts, strict=False), [[0, 0, 0], [10, 20, 30]])
+
+
+@pytest.mark.parametrize("direction", [
+    np.eye(3), np.diag([-1.0, -1.0, 1.0]),  # LPS and RAS storage
+    PERMUTED, OBLIQUE,
+    np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),  # slices along i (axial axis = i)
+    np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),  # rows along x, both flipped
+], ids=["LPS", "RAS", "permuted", "oblique", "axial-along-i", "swapped-flipped"])
+def test_radiological_axial_view_has_anterior_up_and_patient_right_on_the_left(direction):
+    geom = Geometry([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], direction, (21, 21, 21))
+    centre = geom.ijk_to_lps([10, 10, 10])
+    array = np.zeros(geom.shape_kji)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in geom.size], indexing="ij"), -1).reshape(-1, 3)
+    lps = geom.ijk_to_lps(ijk)
+    # anterior-right marker (LPS: x smaller = right, y smaller = anterior) and a fainter posterior-left one
+    for offset, value in (([-6.0, -6.0, 0.0], 2.0), ([6.0, 6.0, 0.0], 1.0)):
+        near = np.linalg.norm(lps - (centre + offset), axis=1) < 2.5
+        for i, j, k in ijk[near]:
+            array[k, j, i] = value
+    view = g.radiological_axial(array, geom, 10)
+    assert view.shape == (21, 21)
+    rows, cols = np.nonzero(view == 2.0)
+    assert rows.mean() < 10 and cols.mean() < 10, "anterior-right marker at the top left"
+    rows, cols = np.nonzero(view == 1.0)
+    assert rows.mean() > 10 and cols.mean() > 10, "posterior-left marker at the bottom right"
