@@ -147,9 +147,12 @@ def _cmd_localize(args) -> int:
     from .io import write_text_atomic
     from .localize import set_cpu_threads
 
+    from .io import read_ct
+
     set_cpu_threads()
+    image = read_ct(args.image)  # a bad image fails before any template work
     loc = _localizer_spec(args).build(args.template)
-    result = loc.localize(args.image)
+    result = loc.localize(image)
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"{'structure':<16} {'present':>7} {'conf':>5}  box_ijk")
     for name, r in result["structures"].items():

@@ -97,15 +97,31 @@ def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volum
         if p.is_dir():
             image = _read_dicom_series(p)
         else:
-            image = sitk.ReadImage(str(p)) if pixel_type is None else sitk.ReadImage(str(p), pixel_type)
+            image = sitk.ReadImage(str(p))
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unknown error")
-        raise InputError(f"{p}: cannot read as a medical image ({first[:160]})") from None
+        raise InputError(f"{p}: {_explain_read_error(p, str(exc))}") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
+    if pixel_type is not None and image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 1:
+        image = sitk.Cast(image, pixel_type)  # after reading: a colour image must not be averaged to grey
     vol = from_sitk(image, case_name(p))
     vol.meta["path"] = str(p)
     return vol
+
+
+def _explain_read_error(path: Path, itk_text: str) -> str:
+    """ITK's read error (a C++ trace) in the user's terms."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty (0 bytes): an interrupted copy? Copy the file again"
+    if "Unable to determine ImageIO reader" in itk_text:
+        return ("cannot read as a medical image: not a NIfTI, NRRD or MetaImage file (or a folder holding one "
+                "DICOM series)")
+    if any(k in itk_text for k in ("fread got only", "not read completely", "cannot be read", "trouble reading",
+                                   "premature", "EOF")):
+        return "cannot read as a medical image: its data is damaged or ends early (an interrupted copy? Copy it again)"
+    detail = [ln.strip() for ln in itk_text.splitlines() if ln.strip() and not ln.startswith("Exception thrown")]
+    last = re.sub(r"\(0x[0-9a-f]+\)|/\S+", "", detail[-1] if detail else "unknown error").strip(" :")
+    return f"cannot read as a medical image ({last[:160]})"
 
 
 def check_nifti_complete(path: Path) -> None:
@@ -233,8 +249,10 @@ def read_json(path: str | os.PathLike, what: str, missing_hint: str = ""):
         return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{p}: no such {what}{missing_hint}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{p}: not a JSON {what} ({exc.__class__.__name__})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not a JSON {what} (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p}: not a JSON {what} ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
 
 
 def read_ct(path: str | os.PathLike) -> Volume:
@@ -261,6 +279,10 @@ def check_ct(volume: Volume) -> None:
     images start at or near zero. Small scans must still contain some air or fat.
     """
     arr = volume.array
+    if arr.size and not np.isfinite(arr.sum(dtype=np.float64)):  # one pass, no mask the size of the scan
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise InputError(f"{volume.name or 'image'}: {bad:,} of {arr.size:,} voxels are not numbers (NaN or "
+                         "infinite); not a valid CT: export the scan again")
     low = float(np.percentile(arr, 1.0)) if arr.size else 0.0
     if low > -500:
         raise InputError(

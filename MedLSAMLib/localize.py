@@ -32,8 +32,8 @@ class TemplateLocalizer:
         if checkpoint is None:
             verify_default_checkpoint()
         self.checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+        model = load_medlam(self.checkpoint, self.device)  # first: a missing file is a one-line error
         self.checkpoint_sha256 = sha256(self.checkpoint)  # once, not per query
-        model = load_medlam(self.checkpoint, self.device)
         opts = options or SearchOptions()
         opts.mode = mode
         self.localizer = Localizer(model, self.device, opts)

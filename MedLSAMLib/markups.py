@@ -103,8 +103,13 @@ def read_markups(path: str | os.PathLike) -> tuple[str, np.ndarray]:
         pos = cp.get("position")
         if not (isinstance(pos, list) and len(pos) == 3 and all(isinstance(v, (int, float)) for v in pos)):
             raise InputError(f"{p}: point {label!r} has no valid 3D position")
+        if not np.all(np.isfinite(pos)):
+            raise InputError(f"{p}: point {label!r} has a non-finite coordinate {pos}; place it again")
         by_label[label] = pos
-    points = points_as_array(by_label)
+    try:
+        points = points_as_array(by_label)
+    except ValueError as exc:  # GeometryError: non-finite or contradictory coordinates
+        raise InputError(f"{p}: {exc}") from None
     if system == "RAS":
         points = lps_to_ras(points)  # the flip is its own inverse
     return str(node.get("name", p.name.split(".")[0])), points

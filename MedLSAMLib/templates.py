@@ -90,6 +90,9 @@ class Template:
         return self.directory.name if self.directory else self.image_path.name
 
     def load_image(self) -> Volume:
+        if not Path(self.image_path).exists():
+            raise InputError(f"template {self.name}: its CT {self.image_path} is missing (moved or deleted?); "
+                             f"put it back or fix 'image' in {MANIFEST}")
         vol = read_ct(self.image_path)
         check_points_inside(self, vol.geometry)
         return vol
@@ -169,16 +172,22 @@ def load_template(directory: str | os.PathLike) -> Template:
     for e in entries:
         if not isinstance(e, dict) or "name" not in e or "label" not in e:
             raise InputError(f"{manifest_path}: every structure needs 'name' and 'label'")
-        name = check_structure_name(e["name"])
+        try:
+            name = check_structure_name(e["name"])
+        except InputError as exc:
+            raise InputError(f"{manifest_path}: {exc}") from None
         points_file = e.get("points", f"{name}.mrk.json")
         if not isinstance(points_file, str) or Path(points_file).name != points_file:
             raise InputError(f"{manifest_path}: structure {name}: 'points' must be a file name inside the template folder")
         _, points = read_markups(d / points_file)
         if e.get("terminology") is not None:
             check_terminology(e["terminology"], f"{manifest_path}: structure {name}")
-        s = Structure(name=name, label=e["label"], points=points,
-                      color=tuple(e.get("color") or default_color(e["label"])), window=e.get("window"),
-                      terminology=e.get("terminology"))
+        try:
+            s = Structure(name=name, label=e["label"], points=points,
+                          color=tuple(e.get("color") or default_color(e["label"])), window=e.get("window"),
+                          terminology=e.get("terminology"))
+        except InputError as exc:  # e.g. contradictory points: name the file to fix
+            raise InputError(f"{d / points_file}: {exc}") from None
         if s.name in template.structures:
             raise InputError(f"{manifest_path}: structure {s.name} is listed twice")
         if s.label in labels_seen:

