@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,10 +95,8 @@ def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volum
     if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
         check_nifti_complete(p)  # ITK reads a cut NIfTI without complaint (the rest becomes zeros)
     try:
-        if p.is_dir():
-            image = _read_dicom_series(p)
-        else:
-            image = sitk.ReadImage(str(p))
+        with _native_stderr_held_back():
+            image = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(p))
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
         raise InputError(f"{p}: {_explain_read_error(p, str(exc))}") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
@@ -107,6 +106,37 @@ def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volum
     vol = from_sitk(image, case_name(p))
     vol.meta["path"] = str(p)
     return vol
+
+
+@contextlib.contextmanager
+def _native_stderr_held_back():
+    """ITK's readers print their own diagnostics straight to the C-level stderr (MetaImage: "data
+    not read completely ..."), which would add lines to our one-line error. Hold them back while
+    reading; pass them on if the read succeeds (they may be warnings worth seeing), drop them if it
+    fails (the error we raise says it better). Main thread only: redirecting a file descriptor is
+    process-wide."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor (embedded interpreters)
+        yield
+        return
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if succeeded:
+            held.seek(0)
+            if text := held.read():
+                os.write(2, text)
+        held.close()
 
 
 def _explain_read_error(path: Path, itk_text: str) -> str:

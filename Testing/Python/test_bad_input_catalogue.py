@@ -143,6 +143,20 @@ def _other_grid_labels(ctx) -> Path:
     return ctx.image("cropped_labels.nii.gz", labels)
 
 
+def _detached_nrrd_cut(c) -> Path:
+    """A .nhdr header with its .raw data file cut in half."""
+    header = c.image("d.nhdr", c.ct_image())
+    raw = c.tmp / "d.raw"
+    raw.write_bytes(_truncated(raw, 0.5))
+    return header
+
+
+def _compressed(c, name: str) -> Path:
+    path = c.tmp / name
+    sitk.WriteImage(c.ct_image(), str(path), True)
+    return path
+
+
 def _broken_manifest(c) -> Path:
     folder = c.template_copy()
     (folder / "template.json").write_text("{oops")
@@ -205,6 +219,14 @@ KINDS = [
     Kind("image-truncated-mha", "images",
          lambda c: c.localize(c.file("cut.mha", _truncated(c.image("whole.mha", c.ct_image()), 0.5))),
          r".*cut\.mha: cannot read as a medical image: its data is damaged or ends early \(an interrupted copy\?"),
+    Kind("image-truncated-nhdr", "images", lambda c: c.localize(_detached_nrrd_cut(c)),
+         r".*d\.nhdr: cannot read as a medical image: its data is damaged or ends early"),
+    Kind("image-truncated-nrrd-gzip", "images",
+         lambda c: c.localize(c.file("cut_gz.nrrd", _truncated(_compressed(c, "whole_gz.nrrd"), 0.5))),
+         r".*cut_gz\.nrrd: cannot read as a medical image: its data is damaged or ends early"),
+    Kind("image-truncated-mha-compressed", "images",
+         lambda c: c.localize(c.file("cut_z.mha", _truncated(_compressed(c, "whole_z.mha"), 0.5))),
+         r".*cut_z\.mha: cannot read as a medical image: its data is damaged or ends early"),
     Kind("image-2d", "images", lambda c: c.localize(c.image("slice.nrrd", c.ct_image()[:, :, 60])),
          r"slice: expected a 3D image, got 2D$"),
     Kind("image-4d", "images", lambda c: c.localize(_four_d(c)), r"series4d: expected a 3D image, got 4D$"),
@@ -338,18 +360,18 @@ def good(tmp_path_factory, hn_dir):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.id for k in KINDS])
-def test_bad_input_gets_one_clear_line(kind, good, tmp_path, capsys):
+def test_bad_input_gets_one_clear_line(kind, good, tmp_path, capfd):
     template, (ct, labels) = good
     ctx = Context(tmp_path, template, ct, labels)
     argv = kind.make(ctx)
-    capsys.readouterr()
+    capfd.readouterr()  # (file descriptors: what ITK prints from C++ counts too)
     if kind.id == "out-busy":
         ctx.out.mkdir()
         with output_lock(ctx.out):
             rc = cli.main(argv)
     else:
         rc = cli.main(argv)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
