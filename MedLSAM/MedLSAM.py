@@ -514,13 +514,9 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def cudaAvailable():
-        import importlib.util
+        from MedLSAMLib.device import cuda_available
 
-        if importlib.util.find_spec("torch") is None:
-            return False
-        import torch
-
-        return torch.cuda.is_available()
+        return cuda_available()
 
     def requirements(self):
         path = os.path.join(os.path.dirname(__file__), "Resources", REQUIREMENTS_FILE)

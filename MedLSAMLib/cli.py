@@ -145,7 +145,7 @@ def _cmd_localize(args) -> int:
     import json
 
     from .io import write_text_atomic
-    from .localize import set_cpu_threads
+    from .device import set_cpu_threads
 
     from .io import read_ct
 
@@ -236,7 +236,7 @@ def _cmd_segment(args) -> int:
     from functools import partial
     from pathlib import Path
 
-    from .localize import set_cpu_threads
+    from .device import set_cpu_threads
     from .pipeline import list_cohort, prepare_out_dir, run_cohort
     from .segment.backends import check_segmenter_args, load_segmenter
     from .segment.slices import SegmentOptions

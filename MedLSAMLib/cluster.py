@@ -27,7 +27,7 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
     raise InputError("--executor dask needs dask.distributed: pip install 'medlsam[distributed]'") from exc
 
 from .io import case_name
-from .localize import usable_cores
+from .device import set_cpu_threads, usable_cores
 from .localizers import LocalizerSpec
 from .pipeline import CaseResult, CohortSegmenter, output_lock, prepare_out_dir, resumed_result, segment_one, write_summary
 from .segment.backends import load_segmenter
@@ -68,9 +68,7 @@ class _WorkerState:
     (a worker started with several threads would otherwise hold several cases in memory)."""
 
     def __init__(self, recipe: CohortRecipe, support, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+        set_cpu_threads(threads)
         self.cohort = recipe.build(support)
         self.lock = threading.Lock()
 

@@ -95,7 +95,7 @@ def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto",
     """Template -> deformed cohort -> ``segment`` -> ``evaluate``; returns the evaluation summary."""
     from .evaluate import evaluate, summarize
     from .io import read_ct
-    from .localize import set_cpu_threads
+    from .device import set_cpu_threads
     from .localizers import LocalizerSpec
     from .pipeline import CohortSegmenter, run_cohort
     from .segment.backends import load_segmenter

@@ -195,9 +195,10 @@ def _montage(path: Path, shown) -> None:
             if (p2 == st["label"]).any():
                 ax_plot.contour(p2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2, linestyles="--")
         ax_plot.set_title(f"{case} slice {s} (R | L, anterior up)\nreference solid, MedLSAM dashed", fontsize=8)
-        ax_plot.legend(handles=handles, loc="lower center", fontsize=6, framealpha=0.7)  # Dice of the whole 3D mask
+        ax_plot.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=6,
+                       framealpha=0.7)  # Dice of the whole 3D mask; below the picture, not over it
         ax_plot.axis("off")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")  # the legends sit below the axes
     plt.close(fig)

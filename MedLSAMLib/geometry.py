@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import GeometryError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 #: Names of the six extreme points of a structure, in the order they are stored.
@@ -40,10 +42,6 @@ _POINT_AXIS = {
 
 #: LPS directions of the canonical i, j, k axes (columns): L, A(= -P), S.
 CANONICAL_DIRECTION = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
-
-
-class GeometryError(ValueError):
-    """Inconsistent or impossible geometric input (a user error, reported in one line)."""
 
 
 def lps_to_ras(points) -> np.ndarray:

@@ -13,7 +13,7 @@ from .errors import InputError
 from .io import Volume, read_ct
 from .medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
 from .medlam.search import Localizer, SearchOptions, SupportSet, prepare
-from .medlam.training import resolve_device
+from .device import resolve_device
 from .templates import Template, load_template
 
 
@@ -74,15 +74,3 @@ class TemplateLocalizer:
             "structures": result["structures"],
             "timing_s": {k: round(v, 3) for k, v in timing.items()},
         }
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity-aware: containers and batch jobs often get fewer)."""
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
-def set_cpu_threads() -> None:
-    """Use every usable core for torch on CPU (torch defaults can be lower inside containers)."""
-    torch.set_num_threads(usable_cores())

@@ -20,7 +20,7 @@ import numpy as np
 
 from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask
 from MedLSAMLib.localizers import KINDS, LocalizerSpec
-from MedLSAMLib.localize import set_cpu_threads, usable_cores
+from MedLSAMLib.device import set_cpu_threads, usable_cores
 from MedLSAMLib.pipeline import run_cohort
 
 from hn_templates import support_templates  # benchmarks/ is on sys.path when run as a script

@@ -19,7 +19,7 @@ import numpy as np
 
 from MedLSAMLib.geometry import box_from_points, box_iou, wall_distance
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers.fusion import FusionSettings
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings

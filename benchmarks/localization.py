@@ -38,7 +38,8 @@ import torch
 
 from MedLSAMLib.geometry import box_from_points, box_iou, wall_distance
 from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk
-from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
+from MedLSAMLib.device import set_cpu_threads
+from MedLSAMLib.localize import TemplateLocalizer
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.registration import localize_by_registration
 from MedLSAMLib.templates import load_template_set

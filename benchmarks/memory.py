@@ -18,7 +18,8 @@ import numpy as np
 
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct, read_labels, write_segmentation, write_volume
-from MedLSAMLib.localize import TemplateLocalizer, set_cpu_threads
+from MedLSAMLib.device import set_cpu_threads
+from MedLSAMLib.localize import TemplateLocalizer
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.preprocess import resample
 from MedLSAMLib.segment.backends import load_segmenter

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 
 from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script

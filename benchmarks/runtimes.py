@@ -22,7 +22,7 @@ import torch
 
 from MedLSAMLib.geometry import slice_boxes
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.preprocess import SAM_WINDOW, window_to_uint8
 from MedLSAMLib.segment.backends import LiteMedSAM
 from MedLSAMLib.segment.slices import axes, crop_window, get_slice

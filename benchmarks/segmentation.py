@@ -38,7 +38,7 @@ import torch
 
 from MedLSAMLib.evaluate import dice, hd95
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.localize import set_cpu_threads
+from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.pipeline import CohortSegmenter, prompt_boxes
 from MedLSAMLib.preprocess import SAM_WINDOW

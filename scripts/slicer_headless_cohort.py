@@ -31,7 +31,7 @@ def main() -> int:
 
     from MedLSAMLib.evaluate import dice
     from MedLSAMLib.io import read_ct, read_labels
-    from MedLSAMLib.localize import set_cpu_threads
+    from MedLSAMLib.device import set_cpu_threads
     from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
     from MedLSAMMRML.logic import MedLSAMCore
     from MedLSAMMRML.nodes import add_volume_node, segment_mask

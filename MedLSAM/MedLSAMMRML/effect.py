@@ -91,7 +91,7 @@ def box_roi_for_structure(core, template_dirs, volume_node, structure: str, devi
 class BackgroundJob:
     """``fn(report)`` on one worker thread; the main thread polls ``done()`` (from a QTimer in the
     effect) and reads ``progress``. ``cancel()`` makes the next ``report(done, total)`` raise
-    :class:`~MedLSAMMRML.logic.Cancelled`. ``fn`` must not touch MRML or Qt."""
+    :class:`~MedLSAMLib.errors.Cancelled`. ``fn`` must not touch MRML or Qt."""
 
     def __init__(self, fn):
         from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +103,7 @@ class BackgroundJob:
         self._future = self._executor.submit(fn, self._report)
 
     def _report(self, done: int, total: int) -> None:
-        from .logic import Cancelled
+        from MedLSAMLib.errors import Cancelled
 
         self.progress = (done, total)
         if self.cancel_event.is_set():

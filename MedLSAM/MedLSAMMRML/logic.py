@@ -16,7 +16,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-from MedLSAMLib.errors import USER_ERRORS
+from MedLSAMLib.errors import USER_ERRORS, Cancelled
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.pipeline import CohortSegmenter, structure_summary
 
@@ -24,10 +24,6 @@ from .nodes import place_under_study, volume_from_node, write_labels_to_segmenta
 
 RESULT_SUFFIX = " MedLSAM"
 LOW_CONFIDENCE = 0.3  # below this the results table asks for review
-
-
-class Cancelled(Exception):
-    """Raised inside the worker between slices when the user pressed Cancel."""
 
 
 class MedLSAMCore:

@@ -182,7 +182,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.pollTimer.start()
 
     def pollJob(self):
-        from MedLSAMMRML.logic import Cancelled
+        from MedLSAMLib.errors import Cancelled
 
         job = self._job
         if job is None or not job.done():
@@ -275,9 +275,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     @staticmethod
     def _cuda():
-        import torch
+        from MedLSAMLib.device import cuda_available
 
-        return torch.cuda.is_available()
+        return cuda_available()
 
     def _showPreview(self, volumeNode):
         from MedLSAMMRML import effect

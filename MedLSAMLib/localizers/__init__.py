@@ -49,7 +49,7 @@ class LocalizerSpec:
 
     def build(self, template_dirs, structures: list[str] | None = None, support=None, device: str | None = None):
         from ..errors import InputError
-        from ..medlam.training import resolve_device
+        from ..device import resolve_device
 
         dev = resolve_device(device or self.device)
         kind = self.resolved_kind

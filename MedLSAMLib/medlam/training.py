@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..errors import InputError
 from ..io import atomic_path, read_ct, VOLUME_SUFFIXES
 from ..preprocess import medlam_intensity, to_canonical
@@ -217,14 +218,6 @@ def mss_loss(ori_feats, aug_feats, ori_img, ori_pos, aug_pos, scales, points: in
 
 
 # --- loop ----------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
 def _rng_state(np_rng: np.random.Generator) -> dict:
     return {"numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate()),
             "torch": torch.get_rng_state()}

@@ -77,3 +77,23 @@ def test_core_never_imports_slicer_qt_ctk():
 def test_icons_are_png():
     for path in (REPO / "Resources" / "MedLSAM.png", REPO / "MedLSAM" / "Resources" / "Icons" / "MedLSAM.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_slicer_requirements_are_derived_from_pyproject():
+    """One list of dependencies (pyproject.toml); the Slicer module's list is generated from it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_requirements", REPO / "scripts" / "sync_requirements.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    written = (REPO / "MedLSAM" / "Resources" / "requirements.txt").read_text(encoding="utf-8")
+    assert written == sync.slicer_requirements(), "run: python scripts/sync_requirements.py"
+    assert "segment-anything>=1.0" in written and "torch" not in written.replace("torch and torchvision", "")
+
+
+def test_icon_and_screenshot_urls_point_at_files_of_this_repository():
+    cmake = cmake_sets((REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake[key].split():
+            path = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", url)
+            assert (REPO / path).is_file(), f"{key}: {url} -> {path} is not in the repository"

@@ -98,7 +98,7 @@ def test_localize_box_roi_for_a_template_structure(scene, tmp_path):
 def test_background_job_gives_the_same_preview_and_cancels(scene, oblique_volume):
     import threading
 
-    from MedLSAMMRML.logic import Cancelled
+    from MedLSAMLib.errors import Cancelled
 
     box = [[10, 8, 4], [38, 32, 20]]
     volume, request, lo, hi = effect.prepare_box(oblique_volume, box, slices=(6, 18))
