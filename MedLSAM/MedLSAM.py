@@ -19,7 +19,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-SEGMENTERS = ["litemedsam", "sam-vit-b", "medsam-vit-b"]
+from MedLSAMLib.device import DEVICES
+from MedLSAMLib.localizers import KINDS as LOCALIZER_KINDS, LocalizerSpec
+from MedLSAMLib.segment import SEGMENTERS
+
 # Python packages MedLSAMLib needs besides what Slicer ships (torch comes from the PyTorch extension)
 REQUIREMENTS_FILE = "requirements.txt"
 USER_FOLDER = pathlib.Path.home() / ".MedLSAM"
@@ -61,11 +64,12 @@ class MedLSAMParameterNode:
     templateVolume: vtkMRMLScalarVolumeNode
     templateFolder: pathlib.Path
     targetVolume: vtkMRMLScalarVolumeNode
-    localizer: Annotated[str, Choice(["auto", "hybrid", "medlam", "registration"])] = "auto"
-    mode: Annotated[str, Choice(["spl", "wpl"])] = "spl"
-    segmenter: Annotated[str, Choice(SEGMENTERS)] = "litemedsam"
+    # choices and defaults: those of the command line (MedLSAMLib's specs; these imports are light)
+    localizer: Annotated[str, Choice(list(LOCALIZER_KINDS))] = LocalizerSpec.kind
+    mode: Annotated[str, Choice(["wpl", "spl"])] = LocalizerSpec.mode
+    segmenter: Annotated[str, Choice(list(SEGMENTERS))] = SEGMENTERS[0]
     segmenterCheckpoint: pathlib.Path
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = LocalizerSpec.device
 
 
 class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -321,10 +325,10 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.onInstallDependencies():
                     return
             p = self._parameterNode
-            self._run = self.logic.startCohort(
-                self.targetVolumes(), self.templateFolders(), mode=p.mode, device=p.device, segmenterName=p.segmenter,
-                checkpoint=str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None,
-                localizer=p.localizer, progressCallback=self.onProgress)
+            settings = self.logic.runSettings(
+                self.templateFolders(), localizer=p.localizer, mode=p.mode, device=p.device, segmenterName=p.segmenter,
+                checkpoint=str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None)
+            self._run = self.logic.startCohort(self.targetVolumes(), settings, progressCallback=self.onProgress)
             self.ui.resultsTable.setRowCount(0)
             self.ui.applyButton.enabled = False
             self.ui.cancelButton.enabled = True
@@ -477,33 +481,37 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
         return ([node] if node is not None else []) + marked
 
     # -- segmentation ------------------------------------------------------------------------
-    def localize(self, templates, volumeNode, mode="wpl", device="auto", localizer="auto"):
+    @staticmethod
+    def runSettings(templates, localizer="auto", mode="wpl", device="auto", segmenterName="litemedsam",
+                    checkpoint=None):
+        """The run configuration the command line would build from the same choices."""
+        from MedLSAMLib.localizers import LocalizerSpec
+        from MedLSAMLib.settings import RunSettings, SegmenterSpec
+
+        return RunSettings(tuple(str(t) for t in templates), LocalizerSpec(localizer, mode, device=device),
+                           SegmenterSpec(segmenterName, str(checkpoint) if checkpoint else None))
+
+    def localize(self, settings, volumeNode):
         """Boxes for every template structure in ``volumeNode`` (the boxes.json content)."""
-        return self.core.localize(templates, volumeNode, mode=mode, device=device, localizer=localizer)
+        return self.core.localize(settings, volumeNode)
 
-    def segment(self, volumeNode, templates, segmentationNode=None, mode="spl", device="auto",
-                segmenterName="litemedsam", checkpoint=None, localizer="auto"):
+    def segment(self, volumeNode, settings, segmentationNode=None):
         """Localize and segment ``volumeNode``; returns (segmentation node, case record)."""
-        return self.core.segment(volumeNode, templates, segmentationNode, mode=mode, device=device,
-                                 segmenter_name=segmenterName, checkpoint=checkpoint, localizer=localizer)
+        return self.core.segment(volumeNode, settings, segmentationNode)
 
-    def processCohort(self, volumeNodes, templates, mode="spl", device="auto", progressCallback=None,
-                      cancelEvent=None, segmenterName="litemedsam", checkpoint=None, localizer="auto"):
+    def processCohort(self, volumeNodes, settings, progressCallback=None, cancelEvent=None):
         """Segment every volume into '<volume> MedLSAM' (blocking; scripts and self-tests).
         Failures are recorded per case; cancel keeps finished cases."""
-        return self.core.process_cohort(volumeNodes, templates, mode=mode, device=device,
-                                        progress_callback=progressCallback, cancel_event=cancelEvent,
-                                        segmenter_name=segmenterName, checkpoint=checkpoint, localizer=localizer)
+        return self.core.process_cohort(volumeNodes, settings, progress_callback=progressCallback,
+                                        cancel_event=cancelEvent)
 
-    def startCohort(self, volumeNodes, templates, mode="spl", device="auto", segmenterName="litemedsam",
-                    checkpoint=None, progressCallback=None, localizer="auto"):
+    def startCohort(self, volumeNodes, settings, progressCallback=None):
         """Non-blocking cohort run for the panel: call ``poll()`` from a timer until it returns False."""
         from MedLSAMMRML.logic import CohortRun
 
         if not volumeNodes:
             raise ValueError(_("No target volume."))
-        return CohortRun(self.core, volumeNodes, templates, mode=mode, device=device, segmenter_name=segmenterName,
-                         checkpoint=checkpoint, localizer=localizer, progress_callback=progressCallback)
+        return CohortRun(self.core, volumeNodes, settings, progress_callback=progressCallback)
 
     # -- dependencies and model files ----------------------------------------------------------
     @staticmethod
@@ -591,8 +599,9 @@ class MedLSAMTest(ScriptedLoadableModuleTest):
         logic = MedLSAMLogic()
         scenario = build_template_and_cohort(slicer.mrmlScene, slicer.app.temporaryPath)
         self.delayDisplay(f"Template with {len(scenario['structures'])} structures; segmenting the cohort")
-        results = logic.processCohort(scenario["volumes"], [scenario["template"]], mode="wpl", device="auto")
-        for problem in check_cohort_results(slicer.mrmlScene, scenario, results):
+        settings = logic.runSettings([scenario["template"]])
+        results = logic.processCohort(scenario["volumes"], settings)
+        for problem in check_cohort_results(slicer.mrmlScene, scenario, results, settings):
             self.fail(problem)
         self.delayDisplay("Cohort segmented")
 

@@ -84,7 +84,7 @@ def _add_train_command(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     p.add_argument("--seed", type=int, default=2023)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="save state this often (default 5)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(func=_cmd_train)
 
@@ -102,9 +102,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _add_localizer_options(p, default_mode: str) -> None:
-    """The localizer choice, shared by localize and segment (one definition, one set of names)."""
-    from .localizers import KINDS
+def _add_device_option(p) -> None:
+    from .device import DEVICES
+
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto (default): a CUDA GPU when there is one, else the CPU with all usable cores")
+
+
+def _add_localizer_options(p) -> None:
+    """The localizer choice, shared by localize and segment (one definition, one set of names and
+    defaults: those of LocalizerSpec)."""
+    from .localizers import KINDS, LocalizerSpec
+
+    default_mode = LocalizerSpec.mode
 
     p.add_argument("--localizer", choices=KINDS, default="auto",
                    help="auto (default): the most accurate on our benchmark (hybrid), or medlam when "
@@ -135,9 +145,9 @@ def _add_localize_command(sub) -> None:
     p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
     p.add_argument("--image", required=True, help="query CT")
     p.add_argument("--out", required=True, help="output JSON file")
-    _add_localizer_options(p, "wpl")
+    _add_localizer_options(p)
     p.add_argument("--checkpoint", dest="medlam_checkpoint", help=argparse.SUPPRESS)  # old name of --medlam-checkpoint
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device_option(p)
     p.set_defaults(func=_cmd_localize)
 
 
@@ -164,13 +174,15 @@ def _cmd_localize(args) -> int:
 
 
 def _add_demo_command(sub) -> None:
+    from .localizers import KINDS
+
     p = sub.add_parser("demo", help="run the built-in offline demonstration",
                        description="Template from slicerio's sample chest CT segmentation, a small cohort of "
                        "deformed copies with known truth, 'segment' (default localizer + LiteMedSAM) and 'evaluate'. Offline.")
     p.add_argument("--out", default="medlsam-demo", help="output folder (default ./medlsam-demo)")
     p.add_argument("--cases", type=int, default=3, help="number of deformed cases (default 3)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--localizer", choices=["auto", "hybrid", "medlam", "registration"], default="auto",
+    _add_device_option(p)
+    p.add_argument("--localizer", choices=KINDS, default="auto",
                    help="which localizer (default auto: the most accurate on our benchmark)")
     p.set_defaults(func=_cmd_demo)
 
@@ -203,11 +215,11 @@ def _add_segment_command(sub) -> None:
     src.add_argument("--image", nargs="+", metavar="CT", help="CT file(s) or DICOM folder(s)")
     src.add_argument("--images-dir", help="folder of CTs")
     p.add_argument("--out", required=True, help="output folder")
-    _add_localizer_options(p, "spl")
+    _add_localizer_options(p)
     p.add_argument("--segmenter", choices=["litemedsam", "sam-vit-b", "medsam-vit-b"], default="litemedsam")
     p.add_argument("--segmenter-checkpoint", "--checkpoint", dest="checkpoint",
                    help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b; --checkpoint is the old name)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device_option(p)
     p.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
     p.add_argument("--executor", choices=["local", "dask"], default="local",
                    help="local (default): this process; dask: one task per case on a Dask cluster "
@@ -233,18 +245,16 @@ def _add_segment_command(sub) -> None:
 
 
 def _cmd_segment(args) -> int:
-    from functools import partial
     from pathlib import Path
 
     from .device import set_cpu_threads
     from .pipeline import list_cohort, prepare_out_dir, run_cohort
-    from .segment.backends import check_segmenter_args, load_segmenter
     from .segment.slices import SegmentOptions
+    from .settings import RunSettings, SegmenterSpec
 
     set_cpu_threads()
     images = list_cohort(args.image, args.images_dir)
     prepare_out_dir(args.out)  # before any model is loaded: a wrong --out fails at once
-    check_segmenter_args(args.segmenter, args.checkpoint)
     if args.executor == "local" and (args.scheduler or args.workers):
         raise InputError("--scheduler and --workers are for --executor dask")
     if args.slice_step < 1:
@@ -254,26 +264,21 @@ def _cmd_segment(args) -> int:
     options = SegmentOptions(largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
                              resolve_overlaps=not args.allow_overlap, slice_step=args.slice_step, prompt=args.prompt,
                              prior_weight=args.prior_weight)
+    settings = RunSettings(tuple(str(Path(t).resolve()) for t in args.template), _localizer_spec(args),
+                           SegmenterSpec(args.segmenter, args.checkpoint, args.runtime), options)
     if args.executor == "dask":
-        from .cluster import CohortRecipe, run_cohort_dask
-
-        recipe = CohortRecipe(tuple(str(Path(t).resolve()) for t in args.template), _localizer_spec(args),
-                              partial(load_segmenter, args.segmenter, args.checkpoint, runtime=args.runtime), options)
-        summary = run_cohort_dask(recipe, images, Path(args.out), resume=args.resume, scheduler=args.scheduler,
-                                  workers=args.workers)
+        from .cluster import run_cohort_dask
         from .templates import load_template
 
-        names = list(load_template(args.template[0]).structures)
+        summary = run_cohort_dask(settings, images, Path(args.out), resume=args.resume, scheduler=args.scheduler,
+                                  workers=args.workers)
+        names = list(load_template(settings.templates[0]).structures)
     else:
-        from .pipeline import CohortSegmenter
-
-        localizer = _localizer_spec(args).build(args.template)
-        if localizer.device.type == "cpu":
+        cohort = settings.build()
+        if cohort.localizer.device.type == "cpu":
             print("note: running on CPU", file=sys.stderr)
-        segmenter = load_segmenter(args.segmenter, args.checkpoint, localizer.device, args.runtime)
-        summary = run_cohort(CohortSegmenter(localizer, segmenter, options), images, Path(args.out),
-                             resume=args.resume)
-        names = localizer.structures
+        summary = run_cohort(cohort, images, Path(args.out), resume=args.resume)
+        names = cohort.localizer.structures
     print(f"\n{'case':<24} {'status':<8} {'s':>6}  " + "  ".join(f"{n[:12]:>12}" for n in names))
     for c in summary["cases"]:
         cells = []

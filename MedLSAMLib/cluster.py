@@ -1,7 +1,7 @@
 """Cohorts on a Dask cluster: one task per case, models loaded once per worker.
 
 The client computes the templates' support features once and ships them, with a
-:class:`CohortRecipe`, inside a worker plugin; every worker (and every worker that replaces a
+:class:`~MedLSAMLib.settings.RunSettings`, inside a worker plugin; every worker (and every worker that replaces a
 dead one) builds its :class:`~MedLSAMLib.pipeline.CohortSegmenter` from them when it joins.
 A task is one case: it writes that case's outputs atomically into the shared output folder and
 returns its :class:`~MedLSAMLib.pipeline.CaseResult`. The scheduler re-runs a task whose worker
@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from .errors import InputError
 
@@ -28,61 +25,32 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
 
 from .io import case_name
 from .device import set_cpu_threads, usable_cores
-from .localizers import LocalizerSpec
-from .pipeline import CaseResult, CohortSegmenter, output_lock, prepare_out_dir, resumed_result, segment_one, write_summary
-from .segment.backends import load_segmenter
-from .segment.slices import SegmentOptions
+from .pipeline import CaseResult, output_lock, prepare_out_dir, resumed_result, segment_one, write_summary
+from .settings import RunSettings
 
 PLUGIN_NAME = "medlsam-cohort"
-
-
-@dataclass
-class CohortRecipe:
-    """Everything needed to build the same :class:`CohortSegmenter` on any machine (picklable).
-
-    ``segmenter`` is called with the device name; the default loads LiteMedSAM.
-    """
-
-    template_dirs: tuple[str, ...]
-    localizer_spec: LocalizerSpec = field(default_factory=LocalizerSpec)
-    segmenter: Callable = field(default_factory=lambda: partial(load_segmenter, "litemedsam", None))
-    options: SegmentOptions = field(default_factory=SegmentOptions)
-
-    def localizer(self, support=None, device: str | None = None):
-        return self.localizer_spec.build(list(self.template_dirs), support=support, device=device)
-
-    def client_support(self):
-        """What the client computes once for every worker: MedLAM's support features (CPU), or
-        nothing (the hybrid localizer's template preparation is cached on disk by each worker)."""
-        if self.localizer_spec.resolved_kind != "medlam":
-            return None
-        return self.localizer(device="cpu").support.to("cpu")
-
-    def build(self, support=None) -> CohortSegmenter:
-        localizer = self.localizer(support)
-        return CohortSegmenter(localizer, self.segmenter(str(localizer.device)), self.options)
 
 
 class _WorkerState:
     """What one worker keeps between tasks: its models, and a lock so it runs one case at a time
     (a worker started with several threads would otherwise hold several cases in memory)."""
 
-    def __init__(self, recipe: CohortRecipe, support, threads: int):
+    def __init__(self, settings: RunSettings, support, threads: int):
         set_cpu_threads(threads)
-        self.cohort = recipe.build(support)
+        self.cohort = settings.build(support)
         self.lock = threading.Lock()
 
 
 class MedLSAMWorkerPlugin(distributed.WorkerPlugin):
-    """Carries the recipe and support features to each worker; builds the models when it joins."""
+    """Carries the run settings and support features to each worker; builds the models when it joins."""
 
     name = PLUGIN_NAME
 
-    def __init__(self, recipe: CohortRecipe, support):
-        self.recipe, self.support, self.state = recipe, support, None
+    def __init__(self, settings: RunSettings, support):
+        self.settings, self.support, self.state = settings, support, None
 
     def setup(self, worker):
-        self.state = _WorkerState(self.recipe, self.support, worker.state.nthreads)
+        self.state = _WorkerState(self.settings, self.support, worker.state.nthreads)
 
 
 def _segment_case_task(image: str, out_dir: str) -> CaseResult:
@@ -92,7 +60,7 @@ def _segment_case_task(image: str, out_dir: str) -> CaseResult:
         return segment_one(state.cohort, Path(image), Path(out_dir))
 
 
-def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, resume: bool = False,
+def run_cohort_dask(settings: RunSettings, images: list[Path], out_dir: Path, *, resume: bool = False,
                     scheduler: str | None = None, workers: int | None = None, client=None,
                     show_progress: bool = True) -> dict:
     """Segment every image on a Dask cluster; same outputs, summary and resume rules as ``run_cohort``.
@@ -117,7 +85,7 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
         own_cluster = own_client = None
         if todo:
             # support features once, here, on CPU: the client may be a login node without a GPU
-            support = recipe.client_support()
+            support = settings.client_support()
             if client is None:
                 if scheduler:
                     client = own_client = distributed.Client(scheduler)
@@ -127,7 +95,7 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
                                                            processes=True, dashboard_address=None)
                     client = own_client = distributed.Client(own_cluster)
             try:
-                client.register_plugin(MedLSAMWorkerPlugin(recipe, support), name=PLUGIN_NAME)
+                client.register_plugin(MedLSAMWorkerPlugin(settings, support), name=PLUGIN_NAME)
                 futures = {client.submit(_segment_case_task, str(p), str(out_dir), pure=False,
                                          key=f"medlsam-{case_name(p)}-{uuid.uuid4().hex[:8]}"): p
                            for p in todo}
@@ -151,4 +119,4 @@ def run_cohort_dask(recipe: CohortRecipe, images: list[Path], out_dir: Path, *, 
                     own_cluster.close()
 
         ordered = [results[case_name(p)] for p in images]
-        return write_summary(out_dir, recipe.template_dirs, ordered, executor="dask")
+        return write_summary(out_dir, settings.templates, ordered, executor="dask")

@@ -97,8 +97,8 @@ def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto",
     from .io import read_ct
     from .device import set_cpu_threads
     from .localizers import LocalizerSpec
-    from .pipeline import CohortSegmenter, run_cohort
-    from .segment.backends import load_segmenter
+    from .pipeline import run_cohort
+    from .settings import RunSettings
     from .templates import template_from_labels
 
     set_cpu_threads()
@@ -123,9 +123,8 @@ def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto",
         deformations[name] = info
     log(f"cohort: {cases} deformed, cropped and noised copies -> {out_dir / 'cohort'}")
 
-    localizer = LocalizerSpec(localizer_kind, "wpl", device=device).build([out_dir / "template"])
-    cohort = CohortSegmenter(localizer, load_segmenter("litemedsam", device=localizer.device))
-    batch = run_cohort(cohort, images, out_dir / "results")
+    settings = RunSettings((str(out_dir / "template"),), LocalizerSpec(localizer_kind, device=device))
+    batch = run_cohort(settings.build(), images, out_dir / "results")
     rows = evaluate(out_dir / "results", out_dir / "cohort_labels")
     summary = {"cases": [p.stem.split(".")[0] for p in images], "deformations": deformations,
                "batch": batch["counts"], "metrics": summarize(rows), "rows": rows,

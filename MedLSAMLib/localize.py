@@ -7,13 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
+from .device import resolve_device
 from .errors import InputError
 from .io import Volume, read_ct
 from .medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
 from .medlam.search import Localizer, SearchOptions, SupportSet, prepare
-from .device import resolve_device
 from .templates import Template, load_template
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask
+from MedLSAMLib.cluster import run_cohort_dask
+from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.localizers import KINDS, LocalizerSpec
 from MedLSAMLib.device import set_cpu_threads, usable_cores
 from MedLSAMLib.pipeline import run_cohort
@@ -47,10 +48,10 @@ def main():
     tdirs = [str(d) for d in support_templates(hn, splits, work / "templates")]
     images = [hn / f"{c}_ct.nii.gz" for c in splits["dev_eval_core5"][: args.cases]]
     names = [p.name[: -len(".nii.gz")] for p in images]
-    recipe = CohortRecipe(tuple(tdirs), LocalizerSpec(args.localizer, "wpl", device="cpu"))
+    settings = RunSettings(tuple(tdirs), LocalizerSpec(args.localizer, "wpl", device="cpu"))
 
     t0 = time.perf_counter()
-    cohort = recipe.build()
+    cohort = settings.build()
     setup_local = time.perf_counter() - t0
     local = run_cohort(cohort, images, work / "local", show_progress=False)
     wall_local = time.perf_counter() - t0
@@ -58,7 +59,7 @@ def main():
     del cohort
 
     t0 = time.perf_counter()
-    dask_summary = run_cohort_dask(recipe, images, work / "dask", workers=args.workers, show_progress=False)
+    dask_summary = run_cohort_dask(settings, images, work / "dask", workers=args.workers, show_progress=False)
     wall_dask = time.perf_counter() - t0
     assert dask_summary["counts"]["ok"] == len(images), dask_summary["counts"]
 

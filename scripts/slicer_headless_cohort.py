@@ -32,7 +32,9 @@ def main() -> int:
     from MedLSAMLib.evaluate import dice
     from MedLSAMLib.io import read_ct, read_labels
     from MedLSAMLib.device import set_cpu_threads
-    from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
+    from MedLSAMLib.localizers import LocalizerSpec
+    from MedLSAMLib.pipeline import run_cohort
+    from MedLSAMLib.settings import RunSettings
     from MedLSAMMRML.logic import MedLSAMCore
     from MedLSAMMRML.nodes import add_volume_node, segment_mask
 
@@ -42,13 +44,13 @@ def main() -> int:
     images = [Path(p) for p in args.image]
     volumes = [add_volume_node(scene, read_ct(p), p.name.split(".")[0]) for p in images]
     core = MedLSAMCore(scene)
+    settings = RunSettings(tuple(args.template), LocalizerSpec(mode=args.mode, device="cpu"))
     t0 = time.perf_counter()
-    results = core.process_cohort(volumes, args.template, mode=args.mode, device="cpu",
+    results = core.process_cohort(volumes, settings,
                                   progress_callback=lambda i, n, s: print(f"[{i}/{n}] {s}", flush=True))
     print(f"Slicer logic: {[r['status'] for r in results]} in {time.perf_counter() - t0:.0f} s")
-    localizer = core.localizer(args.template, args.mode, "cpu")
-    cli = run_cohort(CohortSegmenter(localizer, core.segmenter(device=localizer.device)), images, Path(args.out),
-                     show_progress=False)
+    localizer = core.localizer(settings)
+    cli = run_cohort(settings.build(), images, Path(args.out), show_progress=False)
     print(f"command-line pipeline: {cli['counts']}")
     ok = all(r["status"] == "ok" for r in results) and cli["counts"]["ok"] == len(images)
     for node, path in zip(volumes, images):

@@ -80,11 +80,11 @@ def structure_entry(localization: dict, structure: str) -> dict:
     return localization["structures"][structure]
 
 
-def box_roi_for_structure(core, template_dirs, volume_node, structure: str, device: str = "auto"):
-    """Localize ``structure`` with the templates; (ROI node, localization entry for it). Blocking:
-    the effect runs ``core.localizer(...).localize`` on a :class:`BackgroundJob` and then
-    :func:`roi_from_ijk_box` instead."""
-    entry = structure_entry(core.localize(template_dirs, volume_node, mode="wpl", device=device), structure)
+def box_roi_for_structure(core, settings, volume_node, structure: str):
+    """Localize ``structure`` with the settings' templates and localizer; (ROI node, localization
+    entry for it). Blocking: the effect runs ``core.localizer(settings).localize`` on a
+    :class:`BackgroundJob` and then :func:`roi_from_ijk_box` instead."""
+    entry = structure_entry(core.localize(settings, volume_node), structure)
     return roi_from_ijk_box(core.scene, volume_node, entry["box_ijk"], f"{structure} box"), entry
 
 

@@ -17,8 +17,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from MedLSAMLib.errors import USER_ERRORS, Cancelled
-from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.pipeline import CohortSegmenter, structure_summary
+from MedLSAMLib.settings import RunSettings, SegmenterChoice, SegmenterSpec, load_segmenter_choice
 
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
 
@@ -29,37 +29,32 @@ LOW_CONFIDENCE = 0.3  # below this the results table asks for review
 class MedLSAMCore:
     def __init__(self, scene):
         self.scene = scene
-        self._localizers: dict[LocalizerSpec, object] = {}
+        self._localizers: dict[tuple, object] = {}
         self._segmenters: dict[tuple, object] = {}
 
     # -- cached heavy objects (safe to build on the worker thread: no MRML) ------------------
-    def localizer(self, template_dirs, mode="wpl", device="auto", checkpoint=None, localizer="auto"):
-        """A ready localizer (``localizer``: auto / hybrid / medlam / registration, as ``--localizer``)."""
-        spec = LocalizerSpec(localizer, mode, str(checkpoint) if checkpoint else None, device)
-        key = (tuple(str(d) for d in template_dirs), spec)
+    def localizer(self, settings: RunSettings):
+        """The settings' ready localizer, kept between runs with the same templates and options."""
+        key = (settings.templates, settings.localizer)
         if key not in self._localizers:
-            self._localizers[key] = spec.build(list(template_dirs))
+            self._localizers[key] = settings.build_localizer()
         return self._localizers[key]
 
-    def segmenter(self, name="litemedsam", checkpoint=None, device="cpu"):
-        key = (name, str(checkpoint), str(device))
+    def segmenter(self, choice: SegmenterChoice = SegmenterSpec(), device="cpu"):
+        """A segmenter (``RunSettings.segmenter``: a spec or a factory) on ``device``, kept between runs."""
+        key = (choice, str(device))
         if key not in self._segmenters:
-            from MedLSAMLib.segment.backends import load_segmenter
-
-            self._segmenters[key] = load_segmenter(name, checkpoint, device)
+            self._segmenters[key] = load_segmenter_choice(choice, device)
         return self._segmenters[key]
 
-    def cohort_segmenter(self, template_dirs, mode="spl", device="auto", segmenter=None,
-                         segmenter_name="litemedsam", checkpoint=None, localizer="auto",
-                         options=None) -> CohortSegmenter:
-        """``options``: a :class:`SegmentOptions` (default: the CLI's defaults)."""
-        localizer = self.localizer(template_dirs, mode, device, localizer=localizer)
-        return CohortSegmenter(localizer, segmenter or self.segmenter(segmenter_name, checkpoint, localizer.device),
-                               options)
+    def cohort_segmenter(self, settings: RunSettings, segmenter=None) -> CohortSegmenter:
+        """``segmenter``: an already loaded one to use instead of the settings' (tests, the effect)."""
+        localizer = self.localizer(settings)
+        return CohortSegmenter(localizer, segmenter or self.segmenter(settings.segmenter, localizer.device), settings.options)
 
     # -- operations -------------------------------------------------------------------------
-    def localize(self, template_dirs, volume_node, mode="wpl", device="auto", checkpoint=None, localizer="auto") -> dict:
-        return self.localizer(template_dirs, mode, device, checkpoint, localizer).localize(volume_from_node(volume_node))
+    def localize(self, settings: RunSettings, volume_node) -> dict:
+        return self.localizer(settings).localize(volume_from_node(volume_node))
 
     def write_result(self, volume_node, volume, labels, cohort: CohortSegmenter, segmentation_node=None):
         """Main thread: the labels into '<volume> MedLSAM' (or the given node), beside the volume."""
@@ -72,27 +67,22 @@ class MedLSAMCore:
         place_under_study(self.scene, segmentation_node, volume_node)
         return segmentation_node
 
-    def segment(self, volume_node, template_dirs, segmentation_node=None, mode="spl", device="auto",
-                segmenter=None, progress=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto",
-                options=None):
+    def segment(self, volume_node, settings: RunSettings, segmentation_node=None, segmenter=None, progress=None):
         """Localize and segment one volume into ``segmentation_node`` (created as '<volume> MedLSAM')."""
-        cohort = self.cohort_segmenter(template_dirs, mode, device, segmenter, segmenter_name, checkpoint, localizer,
-                                       options)
+        cohort = self.cohort_segmenter(settings, segmenter)
         volume = volume_from_node(volume_node)  # one copy of the node's voxels
         labels, record = cohort.segment_volume(volume, progress)
         return self.write_result(volume_node, volume, labels, cohort, segmentation_node), record
 
-    def process_cohort(self, volume_nodes, template_dirs, mode="spl", device="auto", segmenter=None,
-                       progress_callback=None, cancel_event=None, segmenter_name="litemedsam",
-                       checkpoint=None, localizer="auto", options=None) -> list[dict]:
+    def process_cohort(self, volume_nodes, settings: RunSettings, segmenter=None, progress_callback=None,
+                       cancel_event=None) -> list[dict]:
         """Segment every volume (blocking); one failure does not stop the others; cancel keeps finished results.
 
         ``progress_callback(case_index, case_count, stage)`` is called between stages;
         ``cancel_event`` is anything with ``is_set()`` (e.g. ``threading.Event``).
         """
-        run = CohortRun(self, volume_nodes, template_dirs, mode=mode, device=device, segmenter=segmenter,
-                        segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer,
-                        progress_callback=progress_callback, cancel_event=cancel_event, options=options)
+        run = CohortRun(self, volume_nodes, settings, segmenter=segmenter, progress_callback=progress_callback,
+                        cancel_event=cancel_event)
         while run.poll():
             run.wait(0.05)
         return run.results
@@ -106,13 +96,12 @@ class CohortRun:
     voxels), ``review`` (structures absent or below :data:`LOW_CONFIDENCE`), ``error``.
     """
 
-    def __init__(self, core: MedLSAMCore, volume_nodes, template_dirs, *, mode="spl", device="auto",
-                 segmenter=None, segmenter_name="litemedsam", checkpoint=None, localizer="auto",
-                 progress_callback=None, cancel_event=None, options=None):
+    def __init__(self, core: MedLSAMCore, volume_nodes, settings: RunSettings, *, segmenter=None,
+                 progress_callback=None, cancel_event=None):
         self.core = core
         self.nodes = list(volume_nodes)
-        self.settings = dict(template_dirs=list(template_dirs), mode=mode, device=device, segmenter=segmenter,
-                             segmenter_name=segmenter_name, checkpoint=checkpoint, localizer=localizer, options=options)
+        self.settings = settings
+        self.segmenter = segmenter  # an already loaded segmenter to use instead of the settings' (tests)
         self.progress_callback = progress_callback
         self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
         self.results: list[dict] = []
@@ -191,10 +180,7 @@ class CohortRun:
     # -- worker thread: no MRML, no Qt --------------------------------------------------------
     def _compute(self, volume):
         if self._cohort is None:
-            s = self.settings
-            self._cohort = self.core.cohort_segmenter(s["template_dirs"], s["mode"], s["device"], s["segmenter"],
-                                                      s["segmenter_name"], s["checkpoint"], s["localizer"],
-                                                      s["options"])
+            self._cohort = self.core.cohort_segmenter(self.settings, self.segmenter)
         return self._cohort.segment_volume(volume, self._slice_progress)
 
     def _slice_progress(self, done: int, total: int) -> None:

@@ -46,25 +46,22 @@ def build_template_and_cohort(scene, work_dir, cases: int = 2, seed: int = 3, st
             "work_dir": work_dir}
 
 
-def check_cohort_results(scene, scenario: dict, results: list[dict], segmenter=None, mode: str = "wpl",
-                         localizer_kind: str = "auto") -> list[str]:
+def check_cohort_results(scene, scenario: dict, results: list[dict], settings, segmenter=None) -> list[str]:
     """Problems found (empty = pass): every case ok; one segmentation per volume named
     '<volume> MedLSAM' with one segment per structure; present structures non-empty; masks equal
     (Dice >= 0.99) to what the command-line pipeline writes for the same files."""
     from MedLSAMLib.evaluate import dice
     from MedLSAMLib.io import read_labels
-    from MedLSAMLib.localizers import LocalizerSpec
-    from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
-    from MedLSAMLib.segment.backends import load_segmenter
+    from MedLSAMLib.pipeline import run_cohort
 
     problems = []
     for r in results:
         if r["status"] != "ok":
             problems.append(f"{r['volume']}: {r['status']} {r.get('error', '')}")
-    # its own localizer, built the way the command line builds it (never shared with the code under test)
-    localizer = LocalizerSpec(localizer_kind, mode, device="auto").build([scenario["template"]])
-    cli = run_cohort(CohortSegmenter(localizer, segmenter or load_segmenter("litemedsam", device=localizer.device)),
-                     scenario["files"], scenario["work_dir"] / "cli", show_progress=False)
+    # its own models, built from the same settings the way the command line builds them (never
+    # shared with the code under test)
+    cohort = settings.build(segmenter=segmenter)
+    cli = run_cohort(cohort, scenario["files"], scenario["work_dir"] / "cli", show_progress=False)
     if cli["counts"]["ok"] != len(scenario["files"]):
         problems.append(f"command-line run: {cli['counts']}")
     for volume_node, path in zip(scenario["volumes"], scenario["files"]):
@@ -80,7 +77,7 @@ def check_cohort_results(scene, scenario: dict, results: list[dict], segmenter=N
         written = read_labels(scenario["work_dir"] / "cli" / f"{path.name.split('.')[0]}_labels.nii.gz")
         result = next(r for r in results if r["volume"] == volume_node.GetName())
         for name in scenario["structures"]:
-            label = next(s.label for s in localizer.templates[0].structures.values() if s.name == name)
+            label = cohort.structures[name].label
             mine = segment_mask(seg, name, written.geometry)
             theirs = written.array == label
             present = result.get("structures", {}).get(name, {}).get("present", False)

@@ -204,6 +204,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onLocalize(self):
         from MedLSAMLib.errors import InputError
+        from MedLSAMLib.localizers import LocalizerSpec
+        from MedLSAMLib.settings import RunSettings
         from MedLSAMMRML import effect
         from MedLSAMMRML.nodes import volume_from_node
 
@@ -217,8 +219,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             core = self.core
             localizerName = self._localizerName()
 
+            settings = RunSettings((folder,), LocalizerSpec(localizerName))
+
             def localize(report):
-                return core.localizer([folder], "wpl", "auto", localizer=localizerName).localize(volume)
+                return core.localizer(settings).localize(volume)
 
             def done(result):
                 entry = effect.structure_entry(result, name)
@@ -261,7 +265,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             raise ValueError("Press Localize first (or place a box).")
         box = effect.ijk_box_from_roi(self._roi, volumeNode)
         volume, request, lo, hi = effect.prepare_box(volumeNode, box, slices=(first, last))  # main thread
-        segmenter = self.core.segmenter(device="cuda" if self._cuda() else "cpu")
+        segmenter = self.core.segmenter(device="cuda" if self._cuda() else "cpu")  # LiteMedSAM (the default spec)
 
         def done(labels):
             self._preview = effect.preview_image(labels, volume, lo, hi)

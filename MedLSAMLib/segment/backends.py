@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..weights import load_weights
-
-SEGMENTERS = ("litemedsam", "sam-vit-b", "medsam-vit-b")
+from . import SEGMENTERS
 
 
 class PromptSegmenter:

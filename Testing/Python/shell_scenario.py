@@ -63,7 +63,7 @@ for bad in (("Brainstem", 2), ("", 3)):
     except ValueError as exc:
         out.setdefault("add_errors", []).append(str(exc))
 try:
-    logic.startCohort([], ["t"])
+    logic.startCohort([], logic.runSettings(["t"]))
 except ValueError as exc:
     out["empty_cohort"] = str(exc)
 out["requirements"] = logic.requirements()

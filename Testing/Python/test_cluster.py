@@ -11,7 +11,8 @@ import torch
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed not installed (pip install '.[distributed]')")
 
-from MedLSAMLib.cluster import CohortRecipe, run_cohort_dask  # noqa: E402
+from MedLSAMLib.cluster import run_cohort_dask  # noqa: E402
+from MedLSAMLib.settings import RunSettings  # noqa: E402
 from MedLSAMLib.io import read_labels  # noqa: E402
 from MedLSAMLib.localizers import LocalizerSpec  # noqa: E402
 from MedLSAMLib.pipeline import run_cohort  # noqa: E402
@@ -61,18 +62,18 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = CohortRecipe((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=threshold_segmenter)
+        local = RunSettings((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=threshold_segmenter)
         run_cohort(local.build(), images, tmp_path / "local", show_progress=False)
     finally:
         torch.set_num_threads(threads)
 
-    recipe = CohortRecipe((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=slow_threshold_segmenter)
+    settings = RunSettings((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=slow_threshold_segmenter)
     out = tmp_path / "dask"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         result = {}
         runner = threading.Thread(target=lambda: result.update(
-            run_cohort_dask(recipe, [images[0], bad, *images[1:]], out, client=client, show_progress=False)))
+            run_cohort_dask(settings, [images[0], bad, *images[1:]], out, client=client, show_progress=False)))
         runner.start()
         victim = None
         deadline = time.time() + 300
@@ -103,10 +104,10 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
 
 def test_resume_under_dask_skips_complete_cases_without_starting_a_cluster(template, tmp_path):
     images = [hn_case(c)[0] for c in CASES[:2]]
-    recipe = CohortRecipe((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=threshold_segmenter)
-    run_cohort(recipe.build(), images, tmp_path, show_progress=False)
+    settings = RunSettings((str(template),), LocalizerSpec(mode="wpl", device="cpu"), segmenter=threshold_segmenter)
+    run_cohort(settings.build(), images, tmp_path, show_progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    summary = run_cohort_dask(recipe, images, tmp_path, resume=True, scheduler="tcp://127.0.0.1:1",  # never contacted
+    summary = run_cohort_dask(settings, images, tmp_path, resume=True, scheduler="tcp://127.0.0.1:1",  # never contacted
                               show_progress=False)
     assert summary["counts"] == {"ok": 2, "failed": 0, "resumed": 2}
     assert all(before[p.name] == p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "summary.json")

@@ -17,6 +17,8 @@ import vtk  # noqa: E402
 
 from MedLSAMMRML import effect, nodes  # noqa: E402
 from MedLSAMMRML.logic import MedLSAMCore  # noqa: E402
+from MedLSAMLib.localizers import LocalizerSpec  # noqa: E402
+from MedLSAMLib.settings import RunSettings  # noqa: E402
 
 
 @pytest.fixture
@@ -86,13 +88,14 @@ def test_localize_box_roi_for_a_template_structure(scene, tmp_path):
     template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
     node = nodes.add_volume_node(scene, read_ct(hn_case("validation-pats/pt_201")[0]), "pt_201")
     core = MedLSAMCore(scene)
-    roi, entry = effect.box_roi_for_structure(core, [tmp_path / "tpl"], node, "Mandible", device="cpu")
+    settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"))
+    roi, entry = effect.box_roi_for_structure(core, settings, node, "Mandible")
     assert roi.IsA("vtkMRMLMarkupsROINode") and entry["present"]
     lo, hi = (np.array(b) for b in effect.ijk_box_from_roi(roi, node))
     want_lo, want_hi = (np.array(b) for b in entry["box_ijk"])
     assert np.all(np.abs(lo - want_lo) <= 1) and np.all(np.abs(hi - want_hi) <= 1)  # rounding at voxel faces
     with pytest.raises(InputError, match="no structure 'Liver'"):
-        effect.box_roi_for_structure(core, [tmp_path / "tpl"], node, "Liver", device="cpu")
+        effect.box_roi_for_structure(core, settings, node, "Liver")
 
 
 def test_background_job_gives_the_same_preview_and_cancels(scene, oblique_volume):

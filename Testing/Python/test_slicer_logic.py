@@ -8,7 +8,9 @@ import pytest
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
+from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.segment.slices import SegmentOptions
+from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.templates import template_from_labels
 
 from conftest import OBLIQUE, hn_case, phantom
@@ -59,12 +61,13 @@ def test_process_cohort_matches_cli_outputs_and_cancel_keeps_finished(scene, tmp
     volume_nodes = [nodes.add_volume_node(scene, read_ct(q), q.name.split(".")[0]) for q in queries]
     core = MedLSAMCore(scene)
     seen = []
-    results = core.process_cohort(volume_nodes, [tmp_path / "tpl"], mode="wpl", device="cpu",
-                                  segmenter=ThresholdSegmenter(), progress_callback=lambda i, n, s: seen.append((i, n)))
+    settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"))
+    results = core.process_cohort(volume_nodes, settings, segmenter=ThresholdSegmenter(),
+                                  progress_callback=lambda i, n, s: seen.append((i, n)))
     assert [r["status"] for r in results] == ["ok", "ok"] and seen[-1] == (2, 2)
 
     # the same inputs through the command-line pipeline
-    cli = run_cohort(CohortSegmenter(core.localizer([tmp_path / "tpl"], "wpl", "cpu"), ThresholdSegmenter()),
+    cli = run_cohort(CohortSegmenter(core.localizer(settings), ThresholdSegmenter()),
                      queries, tmp_path / "out", show_progress=False)
     assert cli["counts"]["ok"] == 2
     for node, q in zip(volume_nodes, queries):
@@ -77,8 +80,7 @@ def test_process_cohort_matches_cli_outputs_and_cancel_keeps_finished(scene, tmp
             assert mask.any()
 
     cancel = threading.Event()
-    results = core.process_cohort(volume_nodes, [tmp_path / "tpl"], mode="wpl", device="cpu",
-                                  segmenter=ThresholdSegmenter(), cancel_event=cancel,
+    results = core.process_cohort(volume_nodes, settings, segmenter=ThresholdSegmenter(), cancel_event=cancel,
                                   progress_callback=lambda i, n, s: cancel.set() if i == 1 else None)
     assert [r["status"] for r in results] == ["ok", "cancelled"]
 
@@ -105,9 +107,10 @@ def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_canc
     core.write_result = lambda *a, **k: writers.append(threading.current_thread()) or original(*a, **k)
 
     # SAM on every slice (no shape prior), so that the last case is cancelled between its slices
-    run = CohortRun(core, [volume_nodes[0], bad, volume_nodes[1], volume_nodes[2]], [tmp_path / "tpl"],
-                    mode="wpl", device="cpu", segmenter=SlowThresholdSegmenter(),
-                    options=SegmentOptions(prior_weight=0.0, slice_step=1))
+    settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"),
+                           options=SegmentOptions(prior_weight=0.0, slice_step=1))
+    run = CohortRun(core, [volume_nodes[0], bad, volume_nodes[1], volume_nodes[2]], settings,
+                    segmenter=SlowThresholdSegmenter())
     polls = 0
     while run.poll():
         polls += 1
@@ -131,13 +134,14 @@ def test_self_test_scenario_passes_on_real_mrml(scene, tmp_path):
     scenario = build_template_and_cohort(scene, tmp_path, cases=2)
     assert len(scenario["volumes"]) == 2 and scenario["structures"] == ["right lung", "left lung"]
     core = MedLSAMCore(scene)
-    results = core.process_cohort(scenario["volumes"], [scenario["template"]], mode="wpl", device="cpu",
-                                  segmenter=ThresholdSegmenter())
-    assert check_cohort_results(scene, scenario, results, segmenter=ThresholdSegmenter()) == []
+    settings = RunSettings((scenario["template"],), LocalizerSpec(device="cpu"))
+    results = core.process_cohort(scenario["volumes"], settings, segmenter=ThresholdSegmenter())
+    assert check_cohort_results(scene, scenario, results, settings, segmenter=ThresholdSegmenter()) == []
     # the check can fail: a wrong mask is reported
     seg = scene.GetFirstNodeByName("case01 MedLSAM")
     seg.GetSegmentation().GetNthSegment(0).SetName("renamed")
-    assert any("segments" in p for p in check_cohort_results(scene, scenario, results, segmenter=ThresholdSegmenter()))
+    assert any("segments" in p for p in check_cohort_results(scene, scenario, results, settings,
+                                                             segmenter=ThresholdSegmenter()))
 
 
 def test_a_volume_loaded_from_a_truncated_nifti_fails_its_case_only(scene, tmp_path):
@@ -163,7 +167,8 @@ def test_a_volume_loaded_from_a_truncated_nifti_fails_its_case_only(scene, tmp_p
     assert cut_node.GetImageData().GetDimensions() == (128, 128, 128)  # loaded, silently incomplete
     ct, labels = hn_case("train-pats/pt_1")
     template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
-    results = MedLSAMCore(scene).process_cohort([cut_node, whole_node], [tmp_path / "tpl"], mode="wpl",
-                                                device="cpu", segmenter=ThresholdSegmenter())
+    results = MedLSAMCore(scene).process_cohort([cut_node, whole_node],
+                                                RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu")),
+                                                segmenter=ThresholdSegmenter())
     assert [r["status"] for r in results] == ["failed", "ok"]
     assert results[0]["error"].startswith(f"cut: loaded from {cut}: the image data ends early")

@@ -36,7 +36,12 @@ def test_module_metadata_and_effect_registration(shell):
 
 
 def test_logic_parameters_and_template_structures(shell):
-    assert shell["defaults"] == {"localizer": "auto", "mode": "spl", "segmenter": "litemedsam", "device": "auto"}
+    from MedLSAMLib.localizers import LocalizerSpec
+
+    # the panel's defaults are the command line's (one definition, in the core's specs)
+    spec = LocalizerSpec()
+    assert shell["defaults"] == {"localizer": spec.kind, "mode": spec.mode, "segmenter": "litemedsam",
+                                 "device": spec.device}
     assert shell["mode_persisted"] == "wpl" and "not one of" in shell["bad_mode"]
     assert shell["template_volumes"] == ["template ct"]
     assert shell["structures"] == ["Brainstem", "Mandible"]

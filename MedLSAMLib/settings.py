@@ -1,0 +1,86 @@
+"""One run configuration for every front end: the CLI (local and Dask), the demo, the Slicer
+logic and the test scenarios build their localizer and cohort runner from a :class:`RunSettings`,
+so that defaults and option names are defined here once.
+
+A new option goes into the spec it belongs to (:class:`~MedLSAMLib.localizers.LocalizerSpec`,
+:class:`SegmenterSpec` or :class:`~MedLSAMLib.segment.slices.SegmentOptions`), its CLI flag and
+the Slicer panel; nothing else wires it. Everything here is picklable (the Dask executor ships it
+to the workers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from .errors import InputError
+from .localizers import LocalizerSpec
+from .segment.backends import check_segmenter_args, load_segmenter
+from .segment.runtimes import RUNTIMES
+from .segment.slices import SegmentOptions
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """Which promptable segmenter: ``litemedsam`` (weights shipped) or SAM / MedSAM ViT-B with a
+    user-given checkpoint; ``runtime``: the image encoder's runtime on CPU."""
+
+    name: str = "litemedsam"
+    checkpoint: str | None = None
+    runtime: str = "auto"
+
+    def __post_init__(self):
+        check_segmenter_args(self.name, self.checkpoint)
+        if self.runtime not in RUNTIMES:
+            raise InputError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+    def load(self, device="cpu"):
+        return load_segmenter(self.name, self.checkpoint, device, self.runtime)
+
+
+#: A segmenter spec, or any picklable callable ``device -> segmenter`` (tests, custom models).
+SegmenterChoice = Union[SegmenterSpec, Callable]
+
+
+def load_segmenter_choice(choice: SegmenterChoice, device="cpu"):
+    return choice.load(device) if isinstance(choice, SegmenterSpec) else choice(str(device))
+
+
+@dataclass
+class RunSettings:
+    """Templates, localizer, segmenter, device and segmentation options of one run."""
+
+    templates: tuple[str, ...]
+    localizer: LocalizerSpec = field(default_factory=LocalizerSpec)
+    segmenter: SegmenterChoice = field(default_factory=SegmenterSpec)
+    options: SegmentOptions = field(default_factory=SegmentOptions)
+
+    def __post_init__(self):
+        self.templates = tuple(str(t) for t in self.templates)
+        if not self.templates:
+            raise InputError("give at least one template folder")
+
+    @property
+    def device(self) -> str:
+        return self.localizer.device
+
+    def build_localizer(self, support=None, device: str | None = None):
+        """The ready localizer (templates prepared, or read from the template cache)."""
+        return self.localizer.build(list(self.templates), support=support, device=device)
+
+    def load_segmenter(self, device="cpu"):
+        return load_segmenter_choice(self.segmenter, device)
+
+    def build(self, support=None, segmenter=None):
+        """The ready :class:`~MedLSAMLib.pipeline.CohortSegmenter`; ``segmenter``: an already
+        loaded one to reuse (the Slicer logic keeps models between runs)."""
+        from .pipeline import CohortSegmenter
+
+        localizer = self.build_localizer(support)
+        return CohortSegmenter(localizer, segmenter or self.load_segmenter(localizer.device), self.options)
+
+    def client_support(self):
+        """What a Dask client computes once for every worker: MedLAM's support features (CPU), or
+        nothing (the hybrid localizer's template preparation is cached on disk by each worker)."""
+        if self.localizer.resolved_kind != "medlam":
+            return None
+        return self.build_localizer(device="cpu").support.to("cpu")
