@@ -83,43 +83,9 @@ def structure_entry(localization: dict, structure: str) -> dict:
 def box_roi_for_structure(core, settings, volume_node, structure: str):
     """Localize ``structure`` with the settings' templates and localizer; (ROI node, localization
     entry for it). Blocking: the effect runs ``core.localizer(settings).localize`` on a
-    :class:`BackgroundJob` and then :func:`roi_from_ijk_box` instead."""
+    :class:`~MedLSAMMRML.jobs.BackgroundJob` and then :func:`roi_from_ijk_box` instead."""
     entry = structure_entry(core.localize(settings, volume_node), structure)
     return roi_from_ijk_box(core.scene, volume_node, entry["box_ijk"], f"{structure} box"), entry
-
-
-class BackgroundJob:
-    """``fn(report)`` on one worker thread; the main thread polls ``done()`` (from a QTimer in the
-    effect) and reads ``progress``. ``cancel()`` makes the next ``report(done, total)`` raise
-    :class:`~MedLSAMLib.errors.Cancelled`. ``fn`` must not touch MRML or Qt."""
-
-    def __init__(self, fn):
-        from concurrent.futures import ThreadPoolExecutor
-        import threading
-
-        self.progress = (0, 0)
-        self.cancel_event = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MedLSAM-effect")
-        self._future = self._executor.submit(fn, self._report)
-
-    def _report(self, done: int, total: int) -> None:
-        from MedLSAMLib.errors import Cancelled
-
-        self.progress = (done, total)
-        if self.cancel_event.is_set():
-            raise Cancelled()
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self, timeout=None):
-        try:
-            return self._future.result(timeout)
-        finally:
-            self._executor.shutdown(wait=False)
 
 
 def axial_slice_at(volume_node, ras) -> int:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 
 from MedLSAMLib.errors import USER_ERRORS, Cancelled
 from MedLSAMLib.pipeline import CohortSegmenter, structure_summary
 from MedLSAMLib.settings import RunSettings, SegmenterChoice, SegmenterSpec, load_segmenter_choice
 
+from .jobs import BackgroundJob
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
 
 RESULT_SUFFIX = " MedLSAM"
@@ -105,12 +105,15 @@ class CohortRun:
         self.progress_callback = progress_callback
         self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
         self.results: list[dict] = []
-        self.slices = (0, 0)  # slices done / total of the running case
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MedLSAM")
-        self._future = None
+        self._job = None  # the BackgroundJob of the running case
         self._case = None  # (node, volume copy, start time) of the running case
         self._cohort = None
         self._done = False
+
+    @property
+    def slices(self) -> tuple[int, int]:
+        """Slices done / total of the running case."""
+        return self._job.progress if self._job is not None else (0, 0)
 
     # -- main thread ------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -118,22 +121,18 @@ class CohortRun:
 
     def wait(self, seconds: float) -> None:
         """Block up to ``seconds`` for the running case (releases the GIL for the worker)."""
-        if self._future is not None:
-            try:
-                self._future.exception(timeout=seconds)
-            except Exception:  # TimeoutError or the case's own error: poll() handles it
-                pass
+        if self._job is not None:
+            self._job.wait(seconds)
 
     def poll(self) -> bool:
         if self._done:
             return False
-        if self._future is not None:
-            if not self._future.done():
+        if self._job is not None:
+            if not self._job.done():
                 return True
             self._finish_case()
         index = len(self.results)
         if index == len(self.nodes):
-            self._executor.shutdown(wait=False)
             self._done = True
             self._progress(index, "done")
             return False
@@ -147,17 +146,16 @@ class CohortRun:
         except USER_ERRORS as exc:
             self.results.append({"volume": node.GetName(), "status": "failed", "error": str(exc)})
             return True
-        self.slices = (0, 0)
         self._case = (node, volume, time.perf_counter())
-        self._future = self._executor.submit(self._compute, volume)
+        self._job = BackgroundJob(lambda report: self._compute(volume, report), self.cancel_event)
         return True
 
     def _finish_case(self) -> None:
         node, volume, t0 = self._case
-        future, self._future, self._case = self._future, None, None
+        job, self._job, self._case = self._job, None, None
         entry = {"volume": node.GetName(), "seconds": round(time.perf_counter() - t0, 1)}
         try:
-            labels, record = future.result()
+            labels, record = job.result()
             seg_node = self.core.write_result(node, volume, labels, self._cohort)  # MRML write: main thread
         except Cancelled:
             entry.update(status="cancelled")
@@ -178,12 +176,7 @@ class CohortRun:
             self.progress_callback(index, len(self.nodes), stage)
 
     # -- worker thread: no MRML, no Qt --------------------------------------------------------
-    def _compute(self, volume):
+    def _compute(self, volume, report):
         if self._cohort is None:
             self._cohort = self.core.cohort_segmenter(self.settings, self.segmenter)
-        return self._cohort.segment_volume(volume, self._slice_progress)
-
-    def _slice_progress(self, done: int, total: int) -> None:
-        self.slices = (done, total)
-        if self.cancel_event.is_set():
-            raise Cancelled()
+        return self._cohort.segment_volume(volume, report)

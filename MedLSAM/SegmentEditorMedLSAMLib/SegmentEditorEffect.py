@@ -1,7 +1,7 @@
 """Segment Editor effect "MedLSAM": template box -> SAM on each slice -> preview -> Apply (undoable).
 
 Qt wiring only; the work is in ``MedLSAMMRML.effect`` (tested on Slicer's real MRML libraries).
-Localization and segmentation run on a worker thread (``MedLSAMMRML.effect.BackgroundJob``) polled
+Localization and segmentation run on a worker thread (``MedLSAMMRML.jobs.BackgroundJob``) polled
 by a QTimer, so Slicer stays responsive; MRML is read before and written after, on the main thread.
 The preview lives in a separate segmentation node until Apply, which first calls
 ``saveStateForUndo()`` so Ctrl+Z restores the segment; Cancel stops a running job, then discards
@@ -170,11 +170,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def startJob(self, fn, onDone, what):
         """Run ``fn(report)`` off the GUI thread; ``onDone(result)`` runs on the main thread."""
-        from MedLSAMMRML import effect
+        from MedLSAMMRML.jobs import BackgroundJob
 
         if self._job is not None:
             raise ValueError("MedLSAM is still working; wait or press Cancel.")
-        self._job, self._onJobDone = effect.BackgroundJob(fn), onDone
+        self._job, self._onJobDone = BackgroundJob(fn), onDone
         self._what = what
         self.cancelButton.enabled = True
         for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):

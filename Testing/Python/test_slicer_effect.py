@@ -16,6 +16,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML librar
 import vtk  # noqa: E402
 
 from MedLSAMMRML import effect, nodes  # noqa: E402
+from MedLSAMMRML.jobs import BackgroundJob  # noqa: E402
 from MedLSAMMRML.logic import MedLSAMCore  # noqa: E402
 from MedLSAMLib.localizers import LocalizerSpec  # noqa: E402
 from MedLSAMLib.settings import RunSettings  # noqa: E402
@@ -112,7 +113,7 @@ def test_background_job_gives_the_same_preview_and_cancels(scene, oblique_volume
             threads.append(threading.current_thread())
             return super().embed(slices)
 
-    job = effect.BackgroundJob(lambda report: effect.run_box(volume, request, Recording(), report))
+    job = BackgroundJob(lambda report: effect.run_box(volume, request, Recording(), report))
     while not job.done():
         threading.Event().wait(0.01)  # what the QTimer does between polls
     image = effect.preview_image(job.result(), volume, lo, hi)
@@ -131,7 +132,7 @@ def test_background_job_gives_the_same_preview_and_cancels(scene, oblique_volume
         gate.wait()
         return effect.run_box(volume, request, ThresholdSegmenter(), report)
 
-    cancelled = effect.BackgroundJob(held)
+    cancelled = BackgroundJob(held)
     cancelled.cancel()
     gate.set()
     with pytest.raises(Cancelled):
