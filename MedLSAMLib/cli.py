@@ -12,7 +12,6 @@ from . import __version__
 from .errors import USER_ERRORS, InputError
 
 EXIT_USER_ERROR = 2
-REVIEW_BELOW = 0.3  # confidence under which a structure is flagged for review
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,6 +157,7 @@ def _cmd_localize(args) -> int:
     from .device import set_cpu_threads
 
     from .io import read_ct
+    from .pipeline import needs_review
 
     set_cpu_threads()
     image = read_ct(args.image)  # a bad image fails before any template work
@@ -166,7 +166,7 @@ def _cmd_localize(args) -> int:
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"{'structure':<16} {'present':>7} {'conf':>5}  box_ijk")
     for name, r in result["structures"].items():
-        flag = "" if r["present"] and r["confidence"] >= REVIEW_BELOW else "  <- review"
+        flag = "  <- review" if needs_review(r) else ""
         print(f"{name:<16} {str(r['present']):>7} {r['confidence']:5.2f}  {r['box_ijk']}{flag}")
     print(f"wrote {args.out} ({loc.kind} localizer: {loc.setup_s:.1f} s templates, "
           f"{result['timing_s']['total_query']:.1f} s query)")
@@ -248,7 +248,7 @@ def _cmd_segment(args) -> int:
     from pathlib import Path
 
     from .device import set_cpu_threads
-    from .pipeline import list_cohort, prepare_out_dir, run_cohort
+    from .pipeline import REVIEW_BELOW, list_cohort, prepare_out_dir, run_cohort
     from .segment.slices import SegmentOptions
     from .settings import RunSettings, SegmenterSpec
 

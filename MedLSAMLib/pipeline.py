@@ -40,6 +40,16 @@ class CaseResult:
     resumed: bool = False  # "ok" from an earlier run's complete outputs (``--resume``), not redone
 
 
+#: Confidence under which a structure is flagged for review, everywhere (CLI tables, Slicer results).
+REVIEW_BELOW = 0.3
+
+
+def needs_review(structure: dict) -> bool:
+    """The one review rule: absent, low confidence, or (once segmented) an empty mask."""
+    return (not structure["present"] or structure["confidence"] < REVIEW_BELOW
+            or structure.get("voxels", 1) == 0)
+
+
 def structure_summary(structures: dict) -> dict:
     """What a batch summary keeps of each localized / segmented structure."""
     return {name: {"present": r["present"], "confidence": r["confidence"], "voxels": r.get("voxels", 0)}

@@ -16,14 +16,13 @@ import time
 import traceback
 
 from MedLSAMLib.errors import USER_ERRORS, Cancelled
-from MedLSAMLib.pipeline import CohortSegmenter, structure_summary
+from MedLSAMLib.pipeline import CohortSegmenter, needs_review, structure_summary
 from MedLSAMLib.settings import RunSettings, SegmenterChoice, SegmenterSpec, load_segmenter_choice
 
 from .jobs import BackgroundJob
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
 
 RESULT_SUFFIX = " MedLSAM"
-LOW_CONFIDENCE = 0.3  # below this the results table asks for review
 
 
 class MedLSAMCore:
@@ -93,7 +92,7 @@ class CohortRun:
 
     ``results``: one dict per volume in input order: ``volume``, ``status`` (ok / failed /
     cancelled), ``seconds``, ``segmentation`` (node ID), ``structures`` (present, confidence,
-    voxels), ``review`` (structures absent or below :data:`LOW_CONFIDENCE`), ``error``.
+    voxels), ``review`` (structures that :func:`~MedLSAMLib.pipeline.needs_review`), ``error``.
     """
 
     def __init__(self, core: MedLSAMCore, volume_nodes, settings: RunSettings, *, segmenter=None,
@@ -167,8 +166,7 @@ class CohortRun:
         else:
             structures = structure_summary(record["structures"])
             entry.update(status="ok", segmentation=seg_node.GetID(), structures=structures,
-                         review=[n for n, s in structures.items()
-                                 if not s["present"] or s["confidence"] < LOW_CONFIDENCE or not s["voxels"]])
+                         review=[n for n, s in structures.items() if needs_review(s)])
         self.results.append(entry)
 
     def _progress(self, index: int, stage: str) -> None:
