@@ -1,8 +1,10 @@
 """Peak memory of one large case: a 512 x 512 x 600 CT through localize + segment + write.
 
 The CT is a held-out head-and-neck scan resampled to 512 x 512 x 600 (about 1 x 1 x 0.53 mm),
-so the anatomy is real and the array is the size the issue asks about. Peak RSS is the
-process's maximum resident set size (``ru_maxrss``), which includes torch and both models.
+so the anatomy is real and the array is the size the issue asks about. The run is the product's
+default path (``RunSettings``: the default localizer and segmentation options, LiteMedSAM);
+``--prior-weight`` below 1 makes SAM encode slices too. Peak RSS is the process's maximum
+resident set size (``ru_maxrss``), which includes torch and both models.
 
     python benchmarks/memory.py --shared ../shared --structures Brainstem Mandible
 """
@@ -19,10 +21,10 @@ import numpy as np
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct, read_labels, write_segmentation, write_volume
 from MedLSAMLib.device import set_cpu_threads
-from MedLSAMLib.localize import TemplateLocalizer
-from MedLSAMLib.pipeline import CohortSegmenter
+from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.preprocess import resample
-from MedLSAMLib.segment.backends import load_segmenter
+from MedLSAMLib.segment.slices import SegmentOptions
+from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.templates import Structure, default_color, template_from_labels
 
 CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
@@ -38,6 +40,8 @@ def main():
     ap.add_argument("--case", default="validation-pats/pt_201")
     ap.add_argument("--structures", nargs="+", default=[n for _, n in CORE5])
     ap.add_argument("--size", type=int, nargs=3, default=[512, 512, 600])
+    ap.add_argument("--prior-weight", type=float, default=SegmentOptions.prior_weight,
+                    help="SegmentOptions.prior_weight (default: the product's; below 1 SAM encodes slices)")
     ap.add_argument("--write-only", action="store_true",
                     help="measure only the output stage (.seg.nrrd + label map) with the case's reference labels")
     args = ap.parse_args()
@@ -60,19 +64,25 @@ def main():
         structures = [Structure(n, v, np.array([[0.0, 0, 0]] * 6), default_color(v)) for v, n in wanted]
         t0 = time.perf_counter()
     else:
-        loc = TemplateLocalizer([work / "t"], mode="wpl", device="cpu")
-        cohort = CohortSegmenter(loc, load_segmenter("litemedsam", device="cpu"))
+        settings = RunSettings((str(work / "t"),), LocalizerSpec(device="cpu", cache_dir=None),
+                               options=SegmentOptions(prior_weight=args.prior_weight))
+        cohort = settings.build()
+        print(f"{cohort.localizer.kind} localizer and {cohort.segmenter.describe()['name']} ready; "
+              f"peak RSS {rss_mb():.0f} MB", flush=True)
         structures = list(cohort.structures.values())
         t0 = time.perf_counter()
         labels, record = cohort.segment_volume(big)
-        print(f"structures {args.structures}: {record['timing_s']['slices']} slice(s) segmented in "
-              f"{time.perf_counter() - t0:.0f} s; peak RSS {rss_mb():.0f} MB", flush=True)
+        t = record["timing_s"]
+        print(f"structures {args.structures}: localize {t['localize']:.0f} s, {t['slices']} slice(s) encoded, "
+              f"{t.get('interpolated_slices', 0)} interpolated, total {time.perf_counter() - t0:.0f} s; "
+              f"peak RSS {rss_mb():.0f} MB", flush=True)
     # the output stage of `medlsam segment` (pipeline.CohortSegmenter.segment_case)
     label_volume = big.with_array(labels.astype(np.uint8))
     write_volume(label_volume, work / "case_labels.nii.gz")
     write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color} for s in structures],
                        work / "case.seg.nrrd")
     print(f"outputs written ({time.perf_counter() - t0:.0f} s so far); peak RSS {rss_mb():.0f} MB")
+
 
 if __name__ == "__main__":
     main()
