@@ -10,6 +10,7 @@ import sys
 
 from . import __version__
 from .errors import USER_ERRORS, InputError
+from .segment import SEGMENTERS
 
 EXIT_USER_ERROR = 2
 
@@ -129,6 +130,16 @@ def _add_localizer_options(p) -> None:
                    "'none' to disable)")
 
 
+def _deprecated_checkpoint(args, new_name: str, dest: str) -> None:
+    """``--checkpoint`` meant the MedLAM weights in localize and the SAM weights in segment; it
+    still works, with a note naming the unambiguous option."""
+    if getattr(args, "old_checkpoint", None):
+        print(f"note: --checkpoint is deprecated here; use {new_name}", file=sys.stderr)
+        if getattr(args, dest):
+            raise InputError(f"give {new_name} only (--checkpoint is its deprecated name)")
+        setattr(args, dest, args.old_checkpoint)
+
+
 def _localizer_spec(args):
     from .localizers import LocalizerSpec
 
@@ -145,7 +156,7 @@ def _add_localize_command(sub) -> None:
     p.add_argument("--image", required=True, help="query CT")
     p.add_argument("--out", required=True, help="output JSON file")
     _add_localizer_options(p)
-    p.add_argument("--checkpoint", dest="medlam_checkpoint", help=argparse.SUPPRESS)  # old name of --medlam-checkpoint
+    p.add_argument("--checkpoint", dest="old_checkpoint", help=argparse.SUPPRESS)  # deprecated name, see below
     _add_device_option(p)
     p.set_defaults(func=_cmd_localize)
 
@@ -159,6 +170,7 @@ def _cmd_localize(args) -> int:
     from .io import read_ct
     from .pipeline import needs_review
 
+    _deprecated_checkpoint(args, "--medlam-checkpoint", "medlam_checkpoint")
     set_cpu_threads()
     image = read_ct(args.image)  # a bad image fails before any template work
     loc = _localizer_spec(args).build(args.template)
@@ -216,9 +228,11 @@ def _add_segment_command(sub) -> None:
     src.add_argument("--images-dir", help="folder of CTs")
     p.add_argument("--out", required=True, help="output folder")
     _add_localizer_options(p)
-    p.add_argument("--segmenter", choices=["litemedsam", "sam-vit-b", "medsam-vit-b"], default="litemedsam")
-    p.add_argument("--segmenter-checkpoint", "--checkpoint", dest="checkpoint",
-                   help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b; --checkpoint is the old name)")
+    p.add_argument("--segmenter", choices=SEGMENTERS, default=SEGMENTERS[0],
+                   help="litemedsam (default; weights shipped), or SAM / MedSAM ViT-B with --segmenter-checkpoint")
+    p.add_argument("--segmenter-checkpoint", dest="checkpoint",
+                   help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b)")
+    p.add_argument("--checkpoint", dest="old_checkpoint", help=argparse.SUPPRESS)  # deprecated name, see below
     _add_device_option(p)
     p.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
     p.add_argument("--executor", choices=["local", "dask"], default="local",
@@ -252,6 +266,7 @@ def _cmd_segment(args) -> int:
     from .segment.slices import SegmentOptions
     from .settings import RunSettings, SegmenterSpec
 
+    _deprecated_checkpoint(args, "--segmenter-checkpoint", "checkpoint")
     set_cpu_threads()
     images = list_cohort(args.image, args.images_dir)
     prepare_out_dir(args.out)  # before any model is loaded: a wrong --out fails at once

@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--fusion", default="{}", help="JSON of FusionSettings fields to change")
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--queries", choices=["dev", "tune"], default="dev",
+                    help="dev: the 16 dev_eval_core5 cases; tune: 30 support candidates that are not templates "
+                    "(support_candidates_core5[5:35]), to choose settings before looking at dev")
     ap.add_argument("--dump", help="write every case's stages (per-template boxes, scores) here")
     args = ap.parse_args()
     set_cpu_threads()
@@ -45,7 +48,8 @@ def main():
                           fusion=FusionSettings(**json.loads(args.fusion)))
     scores = {s: [] for s in STAGES}
     signed, dump, seconds = {}, [], []
-    for case in splits["dev_eval_core5"][: args.limit or None]:
+    queries = splits["dev_eval_core5"] if args.queries == "dev" else splits["support_candidates_core5"][5:35]
+    for case in queries[: args.limit or None]:
         ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
         t0 = time.perf_counter()
         result = loc.localize(ct, keep_stages=True)

@@ -170,7 +170,7 @@ def check_segmenter_args(name: str, checkpoint=None) -> None:
     if name not in SEGMENTERS:
         raise InputError(f"unknown segmenter {name!r}; choose {', '.join(SEGMENTERS)}")
     if name == "litemedsam" and checkpoint:
-        raise InputError("--checkpoint is for sam-vit-b / medsam-vit-b; LiteMedSAM uses its shipped weights")
+        raise InputError("--segmenter-checkpoint is for sam-vit-b / medsam-vit-b; LiteMedSAM uses its shipped weights")
     if name != "litemedsam" and not checkpoint:
         raise InputError(f"--segmenter {name} needs --segmenter-checkpoint PATH (ViT-B weights are not shipped)")
 

@@ -74,3 +74,18 @@ def test_dask_executor_without_dask_installed_is_a_one_line_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "MedLSAMLib.cluster", raising=False)
     with pytest.raises(InputError, match=r"pip install 'medlsam\[distributed\]'"):
         importlib.import_module("MedLSAMLib.cluster")
+
+
+def test_the_old_checkpoint_option_still_works_with_a_note(tmp_path, capsys):
+    """--checkpoint meant two things (MedLAM weights in localize, SAM weights in segment)."""
+    from MedLSAMLib import cli
+
+    rc = cli.main(["segment", "--template", str(tmp_path), "--image", str(tmp_path / "ct.nii.gz"), "--out",
+                   str(tmp_path / "out"), "--segmenter", "sam-vit-b", "--checkpoint", str(tmp_path / "none.pth")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[0] == "note: --checkpoint is deprecated here; use --segmenter-checkpoint"
+    rc = cli.main(["localize", "--template", str(tmp_path), "--image", str(tmp_path / "ct.nii.gz"), "--out",
+                   str(tmp_path / "b.json"), "--checkpoint", "a.pt", "--medlam-checkpoint", "b.pt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["note: --checkpoint is deprecated here; use --medlam-checkpoint",
+                               "medlsam: error: give --medlam-checkpoint only (--checkpoint is its deprecated name)"]
