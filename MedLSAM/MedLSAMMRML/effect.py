@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 import slicer
-import vtk
 
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
-from .nodes import ijk_to_world_ras, node_geometry, volume_from_node
+from .nodes import (ijk_to_world_ras, image_block, matrix_to_numpy, node_geometry, numpy_to_matrix, oriented_image,
+                    segment_labelmap, volume_from_node)
 
 PREVIEW_VALUE = 1
-
-
-def _vtk_matrix(array: np.ndarray):
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(array[r, c]))
-    return m
 
 
 def roi_from_ijk_box(scene, volume_node, box_ijk, name: str):
@@ -47,7 +39,7 @@ def roi_from_ijk_box(scene, volume_node, box_ijk, name: str):
     object_to_node = np.eye(4)
     object_to_node[:3, :3] = axes  # oblique volumes get an oblique box
     object_to_node[:3, 3] = centre_ras
-    roi.SetAndObserveObjectToNodeMatrix(_vtk_matrix(object_to_node))
+    roi.SetAndObserveObjectToNodeMatrix(numpy_to_matrix(object_to_node))
     roi.SetSize(*((hi - lo + 1.0) * spacing))  # whole voxels: the box's faces are voxel faces
     return roi
 
@@ -55,8 +47,7 @@ def roi_from_ijk_box(scene, volume_node, box_ijk, name: str):
 def ijk_box_from_roi(roi_node, volume_node) -> list[list[int]]:
     """The voxels whose centres lie in the ROI (axis-aligned hull in the volume's IJK), clipped."""
     corners_ras = []
-    m = roi_node.GetObjectToWorldMatrix()
-    object_to_world = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    object_to_world = matrix_to_numpy(roi_node.GetObjectToWorldMatrix())
     half = np.asarray(roi_node.GetSize()) / 2.0
     for sx in (-1, 1):
         for sy in (-1, 1):
@@ -126,7 +117,7 @@ def preview_image(labels, volume, lo, hi):
     """Main thread: the block of ``labels`` as a uint8 ``vtkOrientedImageData`` on the volume's grid,
     its extent the segmented block (the preview; see :func:`merged_with_segment` for Apply)."""
     block = labels[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] == PREVIEW_VALUE  # [k, j, i]
-    return _oriented_block(block, volume.geometry, lo)
+    return oriented_image(block, volume.geometry, lo)
 
 
 def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW, progress=None):
@@ -135,23 +126,8 @@ def segment_box(volume_node, box_ijk, segmenter, slices=None, window=SAM_WINDOW,
     return preview_image(run_box(volume, request, segmenter, progress), volume, lo, hi)
 
 
-def _oriented_block(block: np.ndarray, geometry, lo) -> "slicer.vtkOrientedImageData":
-    from vtk.util import numpy_support
-
-    image = slicer.vtkOrientedImageData()
-    k, j, i = block.shape
-    image.SetExtent(int(lo[0]), int(lo[0]) + i - 1, int(lo[1]), int(lo[1]) + j - 1, int(lo[2]), int(lo[2]) + k - 1)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(block, np.uint8).ravel()
-    image.SetImageToWorldMatrix(_vtk_matrix(geometry.ijk_to_ras_matrix))
-    return image
-
-
 def labelmap_voxel_count(image) -> int:
-    from vtk.util import numpy_support
-
-    scalars = image.GetPointData().GetScalars()
-    return 0 if scalars is None else int(np.count_nonzero(numpy_support.vtk_to_numpy(scalars)))
+    return int(np.count_nonzero(image_block(image)[0]))
 
 
 def merged_with_segment(preview, segmentation_node, segment_id: str, volume_node):
@@ -160,25 +136,21 @@ def merged_with_segment(preview, segmentation_node, segment_id: str, volume_node
     Apply writes this with ``ModificationModeSet``: the segmented slices take the preview, every
     other voxel of the segment (earlier slices, manual strokes) stays as it was.
     """
-    from vtk.util import numpy_support
-
     volume = volume_from_node(volume_node)
-    reference = _oriented_block(np.zeros(volume.geometry.shape_kji, bool), volume.geometry, [0, 0, 0])
-    current = slicer.vtkOrientedImageData()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    reference = oriented_image(np.zeros(volume.geometry.shape_kji, bool), volume.geometry)
     merged = np.zeros(volume.geometry.shape_kji, bool)
-    if logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, current) and \
-            current.GetExtent()[1] >= current.GetExtent()[0]:
+    current, value = segment_labelmap(segmentation_node, segment_id)
+    if current is not None and current.GetExtent()[1] >= current.GetExtent()[0]:
         on_grid = slicer.vtkOrientedImageData()
         slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(current, reference, on_grid)
-        value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-        i0, i1, j0, j1, k0, k1 = on_grid.GetExtent()
-        arr = numpy_support.vtk_to_numpy(on_grid.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
-        merged[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = arr == value
-    i0, i1, j0, j1, k0, k1 = preview.GetExtent()
-    block = numpy_support.vtk_to_numpy(preview.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
-    merged[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = block > 0
-    return _oriented_block(merged, volume.geometry, [0, 0, 0])
+        _paste(merged, *image_block(on_grid), lambda block: block == value)
+    _paste(merged, *image_block(preview), lambda block: block > 0)
+    return oriented_image(merged, volume.geometry)
+
+
+def _paste(target: np.ndarray, block: np.ndarray, lo, select) -> None:
+    k, j, i = block.shape
+    target[lo[2]:lo[2] + k, lo[1]:lo[1] + j, lo[0]:lo[0] + i] = select(block)
 
 
 def write_into_segment(image, segmentation_node, segment_id: str) -> None:

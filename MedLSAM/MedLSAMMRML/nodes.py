@@ -21,22 +21,67 @@ from MedLSAMLib.terminology import to_slicer_string
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _matrix(vtk_matrix) -> np.ndarray:
+# --- vtk <-> numpy: the one place for these conversions --------------------------------------
+def matrix_to_numpy(vtk_matrix) -> np.ndarray:
     return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def numpy_to_matrix(array: np.ndarray):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def oriented_image(mask: np.ndarray, geometry: Geometry, lo=(0, 0, 0)):
+    """A uint8 vtkOrientedImageData holding ``mask`` (``[k, j, i]``) on ``geometry``'s grid, its
+    extent starting at voxel ``lo`` (ijk; a block of the grid) or at 0 (the whole grid)."""
+    image = slicer.vtkOrientedImageData()
+    k, j, i = mask.shape
+    i0, j0, k0 = (int(v) for v in lo)
+    image.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(mask, np.uint8).ravel()
+    image.GetPointData().GetScalars().Modified()
+    image.SetImageToWorldMatrix(numpy_to_matrix(geometry.ijk_to_ras_matrix))
+    return image
+
+
+def image_block(image) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A vtkImageData's voxels as a ``[k, j, i]`` array (a view) and the ijk of its first voxel
+    (extents need not start at 0); an empty extent gives an empty array."""
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    scalars = image.GetPointData().GetScalars()
+    if i1 < i0 or scalars is None:
+        return np.zeros((0, 0, 0), np.uint8), (i0, j0, k0)
+    return numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), (i0, j0, k0)
+
+
+def segment_labelmap(segmentation_node, segment_id: str):
+    """The segment's binary labelmap (vtkOrientedImageData) and its label value, or (None, 0)."""
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, image):
+        return None, 0
+    return image, segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+
+
+# --- volumes ---------------------------------------------------------------------------------
 
 
 def ijk_to_world_ras(volume_node) -> np.ndarray:
     """IJK -> world RAS, including a linear parent transform (a warp is refused)."""
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    ijk_to_ras = _matrix(m)
+    ijk_to_ras = matrix_to_numpy(m)
     parent = volume_node.GetParentTransformNode()
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
             raise InputError(f"{volume_node.GetName()}: under a non-linear transform; harden it first")
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = _matrix(to_world) @ ijk_to_ras
+        ijk_to_ras = matrix_to_numpy(to_world) @ ijk_to_ras
     return ijk_to_ras
 
 
@@ -79,23 +124,6 @@ def check_loaded_file(volume_node) -> None:
             raise InputError(f"{volume_node.GetName()}: loaded from {exc}") from None
 
 
-def _oriented_image(mask: np.ndarray, geometry: Geometry):
-    """A uint8 vtkOrientedImageData holding ``mask`` (``[k, j, i]``) on ``geometry``."""
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*geometry.size)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    scalars[:] = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
-    image.GetPointData().GetScalars().Modified()
-    m = vtk.vtkMatrix4x4()
-    ras = geometry.ijk_to_ras_matrix
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, ras[r, c])
-    image.SetImageToWorldMatrix(m)
-    return image
-
-
 def write_labels_to_segmentation(labels: Volume, structures, segmentation_node, reference_volume_node=None) -> None:
     """Replace the node's segments by one segment per structure (name, colour, mask from ``labels``).
 
@@ -112,7 +140,7 @@ def write_labels_to_segmentation(labels: Volume, structures, segmentation_node, 
             segmentation.GetSegment(segment_id).SetTerminology(to_slicer_string(s.terminology))
         mask = labels.array == s.label
         if mask.any():
-            image = _oriented_image(mask, labels.geometry)
+            image = oriented_image(mask, labels.geometry)
             ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
             if not ok:
@@ -121,23 +149,20 @@ def write_labels_to_segmentation(labels: Volume, structures, segmentation_node, 
 
 def segment_mask(segmentation_node, segment_name: str, geometry: Geometry) -> np.ndarray:
     """A segment's binary mask resampled-free on ``geometry`` (which must be the segment's grid)."""
-    segmentation = segmentation_node.GetSegmentation()
-    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
     if not segment_id:
         raise InputError(f"no segment named {segment_name!r}")
-    image = slicer.vtkOrientedImageData()
-    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, image)
+    image, value = segment_labelmap(segmentation_node, segment_id)
     out = np.zeros(geometry.shape_kji, bool)
-    i0, i1, j0, j1, k0, k1 = image.GetExtent()
-    if i1 < i0:
+    block, (i0, j0, k0) = image_block(image) if image is not None else (np.zeros((0, 0, 0)), (0, 0, 0))
+    if not block.size:
         return out
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
-    if not np.allclose(_matrix(m), geometry.ijk_to_ras_matrix, atol=1e-4):
+    if not np.allclose(matrix_to_numpy(m), geometry.ijk_to_ras_matrix, atol=1e-4):
         raise InputError(f"segment {segment_name} is not on the requested grid")
-    arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
-    value = segmentation.GetSegment(segment_id).GetLabelValue()
-    out[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = arr == value
+    k, j, i = block.shape
+    out[k0:k0 + k, j0:j0 + j, i0:i0 + i] = block == value
     return out
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import slicer
 import vtk
 
 from MedLSAMLib.errors import InputError
@@ -24,7 +23,8 @@ from MedLSAMLib.templates import (Structure, Template, check_structure_name, def
                                   load_template, save_template)
 from MedLSAMLib.terminology import terminology_for
 
-from .nodes import add_volume_node, geometry_from_ijk_to_ras, node_geometry, set_markups_points, volume_from_node
+from .nodes import (add_volume_node, geometry_from_ijk_to_ras, image_block, matrix_to_numpy, node_geometry,
+                    segment_labelmap, set_markups_points, volume_from_node)
 
 STRUCTURE_ATTRIBUTE = "MedLSAM.Structure"  # node attribute: which structure a point list belongs to
 LABEL_ATTRIBUTE = "MedLSAM.Label"
@@ -102,24 +102,18 @@ def replace_point(node, name: str) -> None:
 
 def points_from_segment(segmentation_node, segment_id: str) -> np.ndarray:
     """The six LPS extreme points of a segment (each on a voxel of the segment)."""
-    image = slicer.vtkOrientedImageData()
-    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            segmentation_node, segment_id, image):
+    image, value = segment_labelmap(segmentation_node, segment_id)
+    if image is None:
         raise InputError(f"segment {segment_id!r} has no binary labelmap")
-    i0, i1, j0, j1, k0, k1 = image.GetExtent()
-    if i1 < i0:
+    block, (i0, j0, k0) = image_block(image)
+    if not block.size:
         raise InputError(f"segment {segment_id!r} is empty")
-    from vtk.util import numpy_support
-
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
-    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijk_to_ras = matrix_to_numpy(m)
     # the extent may start anywhere: shift the origin so array index 0 is extent start
     ijk_to_ras[:3, 3] = (ijk_to_ras @ np.array([i0, j0, k0, 1.0]))[:3]
-    dims = (i1 - i0 + 1, j1 - j0 + 1, k1 - k0 + 1)
-    arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
-    value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    return extreme_points_from_mask(arr == value, geometry_from_ijk_to_ras(ijk_to_ras, dims))
+    return extreme_points_from_mask(block == value, geometry_from_ijk_to_ras(ijk_to_ras, block.shape[::-1]))
 
 
 def fill_placement_node(node, points_lps) -> None:

@@ -74,7 +74,7 @@ def test_segment_range_preview_and_apply_into_a_segment(scene, oblique_volume):
     blank[2, 5:9, 5:9] = True  # the user's earlier work on another slice
     blank[11, 0:3, 0:3] = True  # a stray stroke inside the range but outside the box: kept too
     blank[12, 9, 11] = True  # inside the block, off the ball: replaced by the preview (cleared)
-    effect.write_into_segment(effect._oriented_block(blank, volume.geometry, [0, 0, 0]), segmentation, segment_id)
+    effect.write_into_segment(nodes.oriented_image(blank, volume.geometry), segmentation, segment_id)
     effect.write_into_segment(effect.merged_with_segment(image, segmentation, segment_id, oblique_volume),
                               segmentation, segment_id)
     got = nodes.segment_mask(segmentation, "Ball", volume.geometry)
