@@ -83,3 +83,31 @@ def scene():
     scene = slicer.vtkMRMLScene()
     slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
     return scene
+
+
+def _reads_shared(item) -> bool:
+    """Whether a test reads the shared CT (through hn_case / hn_dir, or a module fixture that does)."""
+    import inspect
+
+    try:
+        sources = [inspect.getsource(item.function)]
+        for name in getattr(item, "fixturenames", ()):
+            defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+            sources += [inspect.getsource(d.func) for d in defs if getattr(d, "func", None) is not None]
+    except (OSError, TypeError):
+        return False
+    return any("hn_case(" in src or "hn_dir" in src or "HN /" in src for src in sources)
+
+
+def pytest_collection_finish(session):
+    """Say at the start (also under -q) what a run without ../shared leaves out."""
+    items = session.items
+    needing = sum(_reads_shared(item) for item in items)
+    if HN.exists():
+        line = f"shared CT data: {HN} ({needing} of {len(items)} tests read it)"
+    else:
+        line = (f"shared CT data NOT found at {HN}: {needing} of {len(items)} tests read it and will be skipped; "
+                f"the other {len(items) - needing} run on data they make themselves")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
