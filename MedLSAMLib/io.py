@@ -216,15 +216,18 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(series) > 1:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series; put one series per folder")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    _check_slice_positions(folder, files)
+    check_dicom_slices(files, str(folder), folder)
     reader.SetFileNames(files)
     return reader.Execute()
 
 
-def _check_slice_positions(folder: Path, files) -> None:
+def check_dicom_slices(files, where: str, folder: Path | None = None) -> None:
     """Refuse a series that is not one regular stack: a missing slice, two slices at one position,
     or uneven spacing (ITK would stack such slices as if evenly spaced, misplacing every box).
-    Only the headers are read; a slice whose header cannot be read is named."""
+    Only the headers are read; a slice whose header cannot be read is named. ``where`` names the
+    series in messages; ``folder``, if the series is a folder, lets a gap name the folder's files
+    that were not part of it (unreadable slices)."""
+    label = where
     positions, normal = [], None
     for name in files:
         header = sitk.ImageFileReader()
@@ -232,7 +235,7 @@ def _check_slice_positions(folder: Path, files) -> None:
         try:
             header.ReadImageInformation()
         except RuntimeError:
-            raise InputError(f"{folder}: cannot read the DICOM slice {Path(name).name} (damaged or not DICOM); "
+            raise InputError(f"{label}: cannot read the DICOM slice {Path(name).name} (damaged or not DICOM); "
                              "export the series again") from None
         if not (header.HasMetaDataKey("0020|0032") and header.HasMetaDataKey("0020|0037")):
             return  # no patient position (e.g. a secondary capture): nothing to check against
@@ -240,7 +243,7 @@ def _check_slice_positions(folder: Path, files) -> None:
             position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
             orientation = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
         except ValueError:
-            raise InputError(f"{folder}: the DICOM slice {Path(name).name} has an unreadable position or "
+            raise InputError(f"{label}: the DICOM slice {Path(name).name} has an unreadable position or "
                              "orientation; export the series again") from None
         if normal is None:
             normal = np.cross(orientation[:3], orientation[3:6])
@@ -253,7 +256,7 @@ def _check_slice_positions(folder: Path, files) -> None:
     tolerance = max(0.01 * step, 0.01)  # mm: positions are printed with a few decimals
     if step <= tolerance or np.any(gaps <= tolerance):
         at = z[1:][gaps <= tolerance][0] if np.any(gaps <= tolerance) else z[0]
-        raise InputError(f"{folder}: two DICOM slices at the same position ({at:.2f} mm); the folder mixes "
+        raise InputError(f"{label}: two DICOM slices at the same position ({at:.2f} mm); the folder mixes "
                          "series or holds a duplicate: keep one series per folder")
     bad = np.flatnonzero(np.abs(gaps - step) > tolerance)
     if len(bad):
@@ -263,10 +266,10 @@ def _check_slice_positions(folder: Path, files) -> None:
                 and gaps[k] > step else f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm)")
         listed = {Path(f).name for f in files}
         unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in listed
-                        and not p.name.startswith("."))
+                        and not p.name.startswith(".")) if folder is not None else []
         hint = f" ({len(unread)} file(s) of the folder could not be read as part of it: {', '.join(unread[:3])})" \
             if unread else ""
-        raise InputError(f"{folder}: DICOM series with {what}{hint}; MedLSAM needs evenly spaced slices: export "
+        raise InputError(f"{label}: DICOM series with {what}{hint}; MedLSAM needs evenly spaced slices: export "
                          "the complete series (or resample it to a regular grid) and try again")
 
 

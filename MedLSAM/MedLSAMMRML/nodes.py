@@ -15,7 +15,7 @@ from vtk.util import numpy_support
 
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import POINT_NAMES, Geometry, lps_to_ras, ras_to_lps
-from MedLSAMLib.io import Volume, check_nifti_complete
+from MedLSAMLib.io import Volume, check_dicom_slices, check_nifti_complete
 from MedLSAMLib.terminology import to_slicer_string
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -113,8 +113,16 @@ def volume_from_node(volume_node) -> Volume:
 
 
 def check_loaded_file(volume_node) -> None:
-    """Refuse a volume loaded from a NIfTI file whose data ends early: Slicer's reader, like ITK's,
-    loads an interrupted copy without complaint and the missing part shows as zeros."""
+    """Refuse a volume loaded from a NIfTI file whose data ends early (Slicer's reader, like ITK's,
+    loads an interrupted copy without complaint, the missing part as zeros), or from a DICOM series
+    that is not one regular stack (a missing slice, uneven spacing: checked on the files Slicer's
+    DICOM database holds for the volume's instances, as ``medlsam`` checks a DICOM folder)."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)  # the application's DICOM database
+    if uids and database is not None:
+        files = [database.fileForInstance(uid) for uid in uids]
+        if all(files):
+            check_dicom_slices(files, f"{volume_node.GetName()} (DICOM)")
     storage = volume_node.GetStorageNode()
     path = storage.GetFileName() if storage is not None else None
     if path and path.lower().endswith((".nii", ".nii.gz")) and Path(path).is_file():

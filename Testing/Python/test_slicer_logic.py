@@ -172,3 +172,50 @@ def test_a_volume_loaded_from_a_truncated_nifti_fails_its_case_only(scene, tmp_p
                                                 segmenter=ThresholdSegmenter())
     assert [r["status"] for r in results] == ["failed", "ok"]
     assert results[0]["error"].startswith(f"cut: loaded from {cut}: the image data ends early")
+
+
+class _DicomDatabase:
+    """Stand-in for Slicer's application DICOM database (``slicer.dicomDatabase``, which slicer-core
+    does not have): only the one call the logic makes; anything else fails (no such attribute)."""
+
+    __slots__ = ("_files",)
+
+    def __init__(self, files_by_uid: dict):
+        self._files = files_by_uid
+
+    def fileForInstance(self, uid: str) -> str:  # noqa: N802  (ctkDICOMDatabase's name)
+        return self._files.get(uid, "")
+
+
+def test_a_volume_loaded_from_a_dicom_series_missing_a_slice_fails_its_case_only(scene, tmp_path, monkeypatch):
+    """Slicer's DICOM module loads a series with a gap as one volume (with a warning); the logic
+    checks the volume's own files, as the command line checks a DICOM folder."""
+    import SimpleITK as sitk
+
+    from test_io import write_dicom_series
+
+    source = hn_case("validation-pats/pt_201")[0]
+    image = sitk.Cast(sitk.ReadImage(str(source)), sitk.sitkInt16)
+    nodes_by_series = {}
+    files_by_uid = {}
+    for name, skip in (("gap", {64}), ("whole", set())):
+        folder = write_dicom_series(image, tmp_path / name, skip=skip)
+        uids = []
+        for f in sorted(folder.iterdir()):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(f))
+            reader.ReadImageInformation()
+            uid = reader.GetMetaData("0008|0018").strip()
+            files_by_uid[uid] = str(f)
+            uids.append(uid)
+        node = nodes.add_volume_node(scene, read_ct(source), f"{name} series")  # the voxels Slicer would load
+        node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))  # as Slicer's DICOM plugin marks them
+        nodes_by_series[name] = node
+    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase(files_by_uid), raising=False)
+    ct, labels = hn_case("train-pats/pt_1")
+    template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
+    results = MedLSAMCore(scene).process_cohort([nodes_by_series["gap"], nodes_by_series["whole"]],
+                                                RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu")),
+                                                segmenter=ThresholdSegmenter())
+    assert [r["status"] for r in results] == ["failed", "ok"]
+    assert results[0]["error"].startswith("gap series (DICOM): DICOM series with a missing slice")
