@@ -12,7 +12,7 @@ SUBCOMMANDS = ["template", "localize", "segment", "evaluate", "train", "demo"]
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "MedLSAMLib", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "MedLSAMLib", *args], capture_output=True, encoding="utf-8", errors="replace")
 
 
 def test_version():

@@ -7,7 +7,7 @@ import sys
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "MedLSAMLib", "demo", "--out", str(out), "--cases", "1",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=900)
+                        "--device", "cpu"], capture_output=True, encoding="utf-8", errors="replace", timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| right lung |" in r.stdout and "seg.nrrd" in r.stdout
     summary = json.loads((out / "demo_summary.json").read_text())

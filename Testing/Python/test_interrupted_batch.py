@@ -67,7 +67,7 @@ def batch(tmp_path_factory, hn_dir):
                "--template", str(work / "tpl"), "--image", *images, "--out", str(out), "--device", "cpu",
                *(["--resume"] if resume else [])]
         env = {**os.environ, **({"MEDLSAM_TEST_KILL": kill} if kill else {})}
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
 
     reference = segment(work / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]

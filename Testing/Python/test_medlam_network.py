@@ -60,9 +60,9 @@ def test_mismatched_or_malicious_checkpoint_refused(tmp_path):
             return (print, ("this must never run",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(InputError, match="not a loadable weights file"):
+    with pytest.raises(InputError, match="refused: this MedLAM checkpoint holds objects other than weights"):
         load_medlam(tmp_path / "evil.pth")
-    with pytest.raises(InputError, match="no such checkpoint"):
+    with pytest.raises(InputError, match="no such MedLAM checkpoint file"):
         load_medlam(tmp_path / "missing.pt")
 
 

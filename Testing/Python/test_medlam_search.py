@@ -121,7 +121,7 @@ def test_localize_cli_writes_boxes_json(pt1_template, tmp_path):
     ct, _ = hn_case("validation-pats/pt_201")
     r = subprocess.run([sys.executable, "-m", "MedLSAMLib", "localize", "--template", str(pt1_template),
                         "--image", str(ct), "--out", str(out), "--device", "cpu", "--localizer", "medlam"],
-                       capture_output=True, text=True)
+                       capture_output=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert set(doc["structures"]) == {n for _, n in STRUCTURES}

@@ -101,7 +101,7 @@ def test_a_truncated_ct_is_refused_in_read_localize_and_a_batch(cohort, tmp_path
 
     tpl = cohort.localizer.templates[0].directory
     proc = subprocess.run([sys.executable, "-m", "MedLSAMLib", "localize", "--template", str(tpl), "--image", str(gz),
-                           "--out", str(tmp_path / "boxes.json")], capture_output=True, text=True)
+                           "--out", str(tmp_path / "boxes.json")], capture_output=True, encoding="utf-8", errors="replace")
     assert proc.returncode == 2 and "cut_ct.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "boxes.json").exists()
 
@@ -121,7 +121,7 @@ def test_out_naming_a_file_and_an_empty_images_dir_get_one_line_errors(tmp_path)
         list_cohort(images_dir=tmp_path / "empty")
     proc = subprocess.run([sys.executable, "-m", "MedLSAMLib", "segment", "--template", str(tmp_path), "--image",
                            str(hn_case("validation-pats/pt_201")[0]), "--out", str(tmp_path / "a_file")],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--out must be a folder, and this is a file")
 
@@ -139,7 +139,7 @@ def test_a_dicom_series_missing_a_slice_is_refused_in_localize_and_fails_only_it
     series = write_dicom_series(image, tmp_path / "pt_201_dicom", skip={64})
     tpl = cohort.localizer.templates[0].directory
     proc = subprocess.run([sys.executable, "-m", "MedLSAMLib", "localize", "--template", str(tpl), "--image",
-                           str(series), "--out", str(tmp_path / "boxes.json")], capture_output=True, text=True)
+                           str(series), "--out", str(tmp_path / "boxes.json")], capture_output=True, encoding="utf-8", errors="replace")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "missing slice" in proc.stderr
     assert str(series) in proc.stderr and not (tmp_path / "boxes.json").exists()

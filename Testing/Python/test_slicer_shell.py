@@ -18,7 +18,7 @@ def shell():
     if not MANIFEST.is_file():
         pytest.skip(f"Slicer API manifest not found at {MANIFEST}")
     run = subprocess.run([sys.executable, str(REPO / "Testing" / "Python" / "shell_scenario.py"), str(MANIFEST)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert run.returncode == 0 and line, run.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
