@@ -50,7 +50,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 "<b>Localize</b>: the templates propose a 3D box for the structure named like the selected "
                 "segment (drag the box to adjust); <b>Localizer</b> auto is the most accurate on our "
                 "benchmark (hybrid template alignment).<br><b>Segment slice</b> / <b>Segment range</b>: SAM on "
-                "each slice inside the box, shown as a preview.<br><b>Apply</b> writes the preview into the "
+                "each slice inside the box, shown as a preview (the segmenter and device chosen in the MedLSAM "
+                "module's panel).<br><b>Apply</b> writes the preview into the "
                 "segment (undo with Ctrl+Z); <b>Cancel</b> discards it.</html>")
 
     # -- options panel ----------------------------------------------------------------------
@@ -145,6 +146,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         name = self.scriptedEffect.parameter("Localizer")
         return name if name in LOCALIZERS else "auto"
 
+    @staticmethod
+    def _panelSegmenter():
+        """The MedLSAM panel's segmenter, its checkpoint and device (one configuration for the panel
+        and the effect): (SegmenterSpec, device name)."""
+        from MedLSAM import MedLSAMLogic
+        from MedLSAMLib.device import resolve_device
+        from MedLSAMLib.settings import SegmenterSpec
+
+        p = MedLSAMLogic().getParameterNode()
+        checkpoint = str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None
+        return SegmenterSpec(p.segmenter, checkpoint), str(resolve_device(p.device))
+
     def deactivate(self):
         if self._job is not None:
             self._job.cancel()
@@ -219,7 +232,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             core = self.core
             localizerName = self._localizerName()
 
-            settings = RunSettings((folder,), LocalizerSpec(localizerName))
+            device = self._panelSegmenter()[1]
+            settings = RunSettings((folder,), LocalizerSpec(localizerName, device=device))
 
             def localize(report):
                 return core.localizer(settings).localize(volume)
@@ -265,7 +279,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             raise ValueError("Press Localize first (or place a box).")
         box = effect.ijk_box_from_roi(self._roi, volumeNode)
         volume, request, lo, hi = effect.prepare_box(volumeNode, box, slices=(first, last))  # main thread
-        segmenter = self.core.segmenter(device="cuda" if self._cuda() else "cpu")  # LiteMedSAM (the default spec)
+        segmenter = self.core.segmenter(*self._panelSegmenter())  # the panel's segmenter and device
 
         def done(labels):
             self._preview = effect.preview_image(labels, volume, lo, hi)
@@ -276,12 +290,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         self.startJob(lambda report: effect.run_box(volume, request, segmenter, report), done,
                       f"segmenting slices {first}-{last}")
-
-    @staticmethod
-    def _cuda():
-        from MedLSAMLib.device import cuda_available
-
-        return cuda_available()
 
     def _showPreview(self, volumeNode):
         from MedLSAMMRML import effect

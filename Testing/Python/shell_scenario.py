@@ -48,6 +48,14 @@ try:
     p.mode = "xyz"
 except ValueError as exc:
     out["bad_mode"] = str(exc)
+# the effect segments with the panel's segmenter and device (one configuration for both)
+p.device = "cpu"
+spec, device = effect._panelSegmenter()
+out["effect_segmenter"] = [[spec.name, spec.checkpoint, device]]
+p.segmenter, p.segmenterCheckpoint = "sam-vit-b", Path("/weights/sam_vit_b.pth")
+spec, device = effect._panelSegmenter()
+out["effect_segmenter"].append([spec.name, spec.checkpoint, device])
+p.segmenter, p.device = "litemedsam", "auto"
 volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "template ct")
 p.templateVolume = volume
 out["template_volumes"] = [n.GetName() for n in logic.templateVolumeNodes()]

@@ -43,6 +43,7 @@ def test_logic_parameters_and_template_structures(shell):
     assert shell["defaults"] == {"localizer": spec.kind, "mode": spec.mode, "segmenter": "litemedsam",
                                  "device": spec.device}
     assert shell["mode_persisted"] == "wpl" and "not one of" in shell["bad_mode"]
+    assert shell["effect_segmenter"] == [["litemedsam", None, "cpu"], ["sam-vit-b", "/weights/sam_vit_b.pth", "cpu"]]
     assert shell["template_volumes"] == ["template ct"]
     assert shell["structures"] == ["Brainstem", "Mandible"]
     assert (shell["progress"], shell["next_point"]) == ("0/6 placed", "superior")
