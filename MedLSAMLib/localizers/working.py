@@ -46,25 +46,38 @@ def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
     validity: 1 where the scan has data, 0 on padding (see :func:`padding_value`), smoothed alike;
     the alignment leaves points on padding out of its similarity instead of reading them as air.
     """
-    image = sitk.Cast(to_sitk(volume), sitk.sitkFloat32)
-    pad = padding_value(volume.array)
-    valid = volume.array != pad if pad is not None else np.ones(volume.array.shape, bool)
-    mask = sitk.GetImageFromArray(valid.astype(np.float32))
-    mask.CopyInformation(image)
-    image = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]), float(hu_range[1])) - float(hu_range[0])
-    if sigma_mm > 0:
-        image = sitk.SmoothingRecursiveGaussian(image, float(sigma_mm))
-        mask = sitk.SmoothingRecursiveGaussian(mask, float(sigma_mm))
     target = coarse_geometry(volume.geometry, spacing_mm)
-    if not target.is_close(volume.geometry):
+    resampled = not target.is_close(volume.geometry)
+    if not resampled:
+        target = volume.geometry
+    ref = None
+    if resampled:
         ref = sitk.Image([int(s) for s in target.size], sitk.sitkUInt8)
         apply_geometry(ref, target)
-        image = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        mask = sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    else:
-        target = volume.geometry
+
+    def to_working_grid(full: sitk.Image) -> np.ndarray:
+        """Smooth, then resample: one full-resolution image at a time, so a large scan's peak
+        memory is a few copies of it, not of both channels."""
+        if sigma_mm > 0:
+            full = sitk.SmoothingRecursiveGaussian(full, float(sigma_mm))
+        if resampled:
+            full = sitk.Resample(full, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(full)
+
+    image = to_sitk(volume)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    image = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]), float(hu_range[1])) - float(hu_range[0])
+    values = to_working_grid(image)
+    del image
+    pad = padding_value(volume.array)
+    valid = volume.array != pad if pad is not None else np.ones(volume.array.shape, bool)
+    mask = sitk.GetImageFromArray(valid.view(np.uint8))
+    del valid
+    apply_geometry(mask, volume.geometry)
+    validity = to_working_grid(sitk.Cast(mask, sitk.sitkFloat32))
     # Recursive Gaussians ring slightly: validity must stay a weight in [0, 1].
-    return sitk.GetArrayFromImage(image), np.clip(sitk.GetArrayFromImage(mask), 0.0, 1.0), target
+    return values, np.clip(validity, 0.0, 1.0), target
 
 
 def grid_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> np.ndarray:
