@@ -227,7 +227,6 @@ def check_dicom_slices(files, where: str, folder: Path | None = None) -> None:
     Only the headers are read; a slice whose header cannot be read is named. ``where`` names the
     series in messages; ``folder``, if the series is a folder, lets a gap name the folder's files
     that were not part of it (unreadable slices)."""
-    label = where
     positions, normal = [], None
     for name in files:
         header = sitk.ImageFileReader()
@@ -235,7 +234,7 @@ def check_dicom_slices(files, where: str, folder: Path | None = None) -> None:
         try:
             header.ReadImageInformation()
         except RuntimeError:
-            raise InputError(f"{label}: cannot read the DICOM slice {Path(name).name} (damaged or not DICOM); "
+            raise InputError(f"{where}: cannot read the DICOM slice {Path(name).name} (damaged or not DICOM); "
                              "export the series again") from None
         if not (header.HasMetaDataKey("0020|0032") and header.HasMetaDataKey("0020|0037")):
             return  # no patient position (e.g. a secondary capture): nothing to check against
@@ -243,7 +242,7 @@ def check_dicom_slices(files, where: str, folder: Path | None = None) -> None:
             position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
             orientation = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
         except ValueError:
-            raise InputError(f"{label}: the DICOM slice {Path(name).name} has an unreadable position or "
+            raise InputError(f"{where}: the DICOM slice {Path(name).name} has an unreadable position or "
                              "orientation; export the series again") from None
         if normal is None:
             normal = np.cross(orientation[:3], orientation[3:6])
@@ -256,7 +255,7 @@ def check_dicom_slices(files, where: str, folder: Path | None = None) -> None:
     tolerance = max(0.01 * step, 0.01)  # mm: positions are printed with a few decimals
     if step <= tolerance or np.any(gaps <= tolerance):
         at = z[1:][gaps <= tolerance][0] if np.any(gaps <= tolerance) else z[0]
-        raise InputError(f"{label}: two DICOM slices at the same position ({at:.2f} mm); the folder mixes "
+        raise InputError(f"{where}: two DICOM slices at the same position ({at:.2f} mm); the folder mixes "
                          "series or holds a duplicate: keep one series per folder")
     bad = np.flatnonzero(np.abs(gaps - step) > tolerance)
     if len(bad):
@@ -269,7 +268,7 @@ def check_dicom_slices(files, where: str, folder: Path | None = None) -> None:
                         and not p.name.startswith(".")) if folder is not None else []
         hint = f" ({len(unread)} file(s) of the folder could not be read as part of it: {', '.join(unread[:3])})" \
             if unread else ""
-        raise InputError(f"{label}: DICOM series with {what}{hint}; MedLSAM needs evenly spaced slices: export "
+        raise InputError(f"{where}: DICOM series with {what}{hint}; MedLSAM needs evenly spaced slices: export "
                          "the complete series (or resample it to a regular grid) and try again")
 
 

@@ -147,16 +147,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return name if name in LOCALIZERS else "auto"
 
     @staticmethod
-    def _panelSegmenter():
-        """The MedLSAM panel's segmenter, its checkpoint and device (one configuration for the panel
-        and the effect): (SegmenterSpec, device name)."""
+    def _panelParameters():
         from MedLSAM import MedLSAMLogic
+
+        return MedLSAMLogic().getParameterNode()
+
+    def _panelDevice(self):
+        """The device chosen in the MedLSAM panel (one configuration for the panel and the effect)."""
         from MedLSAMLib.device import resolve_device
+
+        return str(resolve_device(self._panelParameters().device))
+
+    def _panelSegmenter(self):
+        """The MedLSAM panel's segmenter, its checkpoint and device: (SegmenterSpec, device name)."""
         from MedLSAMLib.settings import SegmenterSpec
 
-        p = MedLSAMLogic().getParameterNode()
+        p = self._panelParameters()
         checkpoint = str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None
-        return SegmenterSpec(p.segmenter, checkpoint), str(resolve_device(p.device))
+        return SegmenterSpec(p.segmenter, checkpoint), self._panelDevice()
 
     def deactivate(self):
         if self._job is not None:
@@ -232,8 +240,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             core = self.core
             localizerName = self._localizerName()
 
-            device = self._panelSegmenter()[1]
-            settings = RunSettings((folder,), LocalizerSpec(localizerName, device=device))
+            settings = RunSettings((folder,), LocalizerSpec(localizerName, device=self._panelDevice()))
 
             def localize(report):
                 return core.localizer(settings).localize(volume)

@@ -46,12 +46,10 @@ def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
     validity: 1 where the scan has data, 0 on padding (see :func:`padding_value`), smoothed alike;
     the alignment leaves points on padding out of its similarity instead of reading them as air.
     """
-    target = coarse_geometry(volume.geometry, spacing_mm)
-    resampled = not target.is_close(volume.geometry)
-    if not resampled:
+    target, ref = coarse_geometry(volume.geometry, spacing_mm), None  # ref: the grid to resample onto
+    if target.is_close(volume.geometry):
         target = volume.geometry
-    ref = None
-    if resampled:
+    else:
         ref = sitk.Image([int(s) for s in target.size], sitk.sitkUInt8)
         apply_geometry(ref, target)
 
@@ -60,7 +58,7 @@ def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
         memory is a few copies of it, not of both channels."""
         if sigma_mm > 0:
             full = sitk.SmoothingRecursiveGaussian(full, float(sigma_mm))
-        if resampled:
+        if ref is not None:
             full = sitk.Resample(full, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(full)
 

@@ -57,12 +57,10 @@ class Context:
         folder = self.tmp / "tpl"
         shutil.copytree(self.template, folder)
         manifest = json.loads((folder / "template.json").read_text())
-        manifest["image"] = str(self.template / manifest["image"]) if not Path(manifest["image"]).is_absolute() \
-            else manifest["image"]
+        manifest["image"] = str(self.template / manifest["image"])  # (an absolute path stays as it is)
         if edit:
             edit(folder, manifest)
-        if (folder / "template.json").exists() and manifest is not None:
-            (folder / "template.json").write_text(json.dumps(manifest))
+        (folder / "template.json").write_text(json.dumps(manifest))
         return folder
 
     def localize(self, image=None, template=None, *extra) -> list[str]:

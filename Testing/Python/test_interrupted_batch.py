@@ -38,11 +38,10 @@ calls = {"n": 0}
 def kill_on_nth(real):
     def wrapped(*args, **kwargs):
         calls["n"] += 1
-        if where == "write":
-            real(*args, **kwargs)
+        result = real(*args, **kwargs) if where == "write" else None  # "write": the temporary is complete
         if calls["n"] == int(n):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs) if where != "write" else None
+        return result if where == "write" else real(*args, **kwargs)
     return wrapped
 
 if where == "case":
