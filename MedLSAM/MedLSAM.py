@@ -7,6 +7,7 @@ generic module tests build the widget on factory machines.
 """
 import os
 import pathlib
+import unittest
 from typing import Annotated
 
 import qt
@@ -25,7 +26,6 @@ from MedLSAMLib.segment import SEGMENTERS
 
 # Python packages MedLSAMLib needs besides what Slicer ships (torch comes from the PyTorch extension)
 REQUIREMENTS_FILE = "requirements.txt"
-USER_FOLDER = pathlib.Path.home() / ".MedLSAM"
 
 
 class MedLSAM(ScriptedLoadableModule):
@@ -113,7 +113,6 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-        self.ui.openModelFolderButton.connect("clicked(bool)", self.onOpenModelFolder)
         for name in ("superior", "inferior", "right", "left", "anterior", "posterior"):
             self.ui.replacePointComboBox.addItem(name)
 
@@ -367,15 +366,14 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.resultsTable
         table.setRowCount(len(results))
         for row, r in enumerate(results):
-            structures = r.get("structures", {})
-            confidences = [s["confidence"] for s in structures.values() if s["present"]]
-            review = r.get("review", [])
-            cells = [r["volume"], r["status"], str(sum(s["present"] for s in structures.values())),
-                     f"{min(confidences):.2f}" if confidences else "-", str(r.get("seconds", "")),
-                     r.get("error") or ", ".join(review)]
+            confidences = [s.confidence for s in r.structures.values() if s.present]
+            review = r.review
+            cells = [r.volume, r.status, str(sum(s.present for s in r.structures.values())),
+                     f"{min(confidences):.2f}" if confidences else "-", "" if r.seconds is None else str(r.seconds),
+                     r.error or ", ".join(review)]
             for col, text in enumerate(cells):
                 table.setItem(row, col, qt.QTableWidgetItem(text))
-            if r["status"] != "ok" or review:
+            if r.status != "ok" or review:
                 for col in range(len(cells)):
                     table.item(row, col).setBackground(qt.QColor(255, 230, 160))
 
@@ -391,10 +389,6 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateDependencyStatus()
             return installed
         return False
-
-    def onOpenModelFolder(self):
-        folder = self.logic.userFolder()
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
 
 class MedLSAMLogic(ScriptedLoadableModuleLogic):
@@ -515,13 +509,7 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("No target volume."))
         return CohortRun(self.core, volumeNodes, settings, progress_callback=progressCallback)
 
-    # -- dependencies and model files ----------------------------------------------------------
-    @staticmethod
-    def userFolder():
-        folder = USER_FOLDER / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
+    # -- dependencies -------------------------------------------------------------------------
     @staticmethod
     def cudaAvailable():
         from MedLSAMLib.device import cuda_available
@@ -576,8 +564,10 @@ class MedLSAMTest(ScriptedLoadableModuleTest):
     """In-Slicer self-tests (run only inside 3D Slicer; see README "Slicer self-tests").
 
     They call the same scenario functions as the repository's real-MRML pytest suite, so the only
-    code they see first is the Qt glue. The cohort test uses the shipped models on two small CTs
-    and needs the MedLSAM Python packages installed.
+    code they see first is the Qt glue. The cohort test uses the shipped models on two small CTs,
+    needs the MedLSAM Python packages installed, and runs from a source checkout (Reload and Test
+    in developer mode, or CTest): its scenario code lives in MedLSAM/Testing/Python, which the
+    installed extension does not ship.
     """
 
     def setUp(self):
@@ -587,23 +577,35 @@ class MedLSAMTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_library_importable()
         self.setUp()
-        self.test_template_placement_and_cohort()
-        self.setUp()
         self.test_widget_builds_and_binds_parameters()
+        self.setUp()
+        self.test_template_placement_and_cohort()  # last: it is skipped outside a source checkout
 
     def test_library_importable(self):
         version = MedLSAMLogic.libraryVersion()
         self.assertTrue(version and version[0].isdigit())
 
-    def test_template_placement_and_cohort(self):
-        from MedLSAMMRML.scenarios import build_template_and_cohort, check_cohort_results
+    @staticmethod
+    def _scenarios():
+        import sys
 
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Testing", "Python")
+        if not os.path.isfile(os.path.join(folder, "medlsam_scenarios.py")):
+            raise unittest.SkipTest(f"the cohort self-test runs from a source checkout ({folder} not found)")
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        import medlsam_scenarios
+
+        return medlsam_scenarios
+
+    def test_template_placement_and_cohort(self):
+        scenarios = self._scenarios()
         logic = MedLSAMLogic()
-        scenario = build_template_and_cohort(slicer.mrmlScene, slicer.app.temporaryPath)
+        scenario = scenarios.build_template_and_cohort(slicer.mrmlScene, slicer.app.temporaryPath)
         self.delayDisplay(f"Template with {len(scenario['structures'])} structures; segmenting the cohort")
         settings = logic.runSettings([scenario["template"]])
         results = logic.processCohort(scenario["volumes"], settings)
-        for problem in check_cohort_results(slicer.mrmlScene, scenario, results, settings):
+        for problem in scenarios.check_cohort_results(slicer.mrmlScene, scenario, results, settings):
             self.fail(problem)
         self.delayDisplay("Cohort segmented")
 

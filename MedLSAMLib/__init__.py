@@ -6,7 +6,7 @@ extension. It never imports ``slicer``, ``qt`` or ``ctk``.
 Layers, bottom-up (each imports only those before it):
 
 * shared: ``errors`` (every exception type), ``device`` (device and threads), ``weights``
-  (untrusted checkpoints)
+  (untrusted checkpoints), ``results`` (typed results and their JSON files)
 * data: ``io`` (volumes, atomic writes) -> ``geometry`` (LPS / IJK, boxes, views) ->
   ``preprocess`` -> ``markups`` / ``terminology`` / ``templates``
 * localizers: ``medlam`` (network, checkpoint, search; ``training`` only for ``medlsam train``),

@@ -147,12 +147,16 @@ def _localizer_spec(args):
     return LocalizerSpec(args.localizer, args.mode, args.medlam_checkpoint, args.device, cache)
 
 
+def _add_template_option(p) -> None:
+    p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
+
+
 def _add_localize_command(sub) -> None:
     p = sub.add_parser("localize", help="find template structures in a CT (3D boxes)",
                        description="Localize every template structure in QUERY and write boxes.json: per structure "
                        "presence, confidence, box in voxel indices (inclusive, i fastest) and LPS mm, sub-part "
                        "boxes and (hybrid) one box per axial slice.")
-    p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
+    _add_template_option(p)
     p.add_argument("--image", required=True, help="query CT")
     p.add_argument("--out", required=True, help="output JSON file")
     _add_localizer_options(p)
@@ -168,20 +172,19 @@ def _cmd_localize(args) -> int:
     from .device import set_cpu_threads
 
     from .io import read_ct
-    from .pipeline import needs_review
 
     _deprecated_checkpoint(args, "--medlam-checkpoint", "medlam_checkpoint")
     set_cpu_threads()
     image = read_ct(args.image)  # a bad image fails before any template work
     loc = _localizer_spec(args).build(args.template)
     result = loc.localize(image)
-    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.out, json.dumps(result.to_json(), indent=1) + "\n")
     print(f"{'structure':<16} {'present':>7} {'conf':>5}  box_ijk")
-    for name, r in result["structures"].items():
-        flag = "  <- review" if needs_review(r) else ""
-        print(f"{name:<16} {str(r['present']):>7} {r['confidence']:5.2f}  {r['box_ijk']}{flag}")
+    for name, r in result.structures.items():
+        flag = "  <- review" if r.needs_review() else ""
+        print(f"{name:<16} {str(r.present):>7} {r.confidence:5.2f}  {r.box_ijk}{flag}")
     print(f"wrote {args.out} ({loc.kind} localizer: {loc.setup_s:.1f} s templates, "
-          f"{result['timing_s']['total_query']:.1f} s query)")
+          f"{result.timing_s['total_query']:.1f} s query)")
     return 0
 
 
@@ -222,7 +225,7 @@ def _add_segment_command(sub) -> None:
                        description="For every CT: boxes from the localizer, then SAM-style segmentation of every slice "
                        "inside them. "
                        "Writes <case>.seg.nrrd, <case>_labels.nii.gz and <case>.json per case and summary.json.")
-    p.add_argument("--template", nargs="+", required=True, metavar="DIR", help="template folder(s)")
+    _add_template_option(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", nargs="+", metavar="CT", help="CT file(s) or DICOM folder(s)")
     src.add_argument("--images-dir", help="folder of CTs")
@@ -262,7 +265,8 @@ def _cmd_segment(args) -> int:
     from pathlib import Path
 
     from .device import set_cpu_threads
-    from .pipeline import REVIEW_BELOW, list_cohort, prepare_out_dir, run_cohort
+    from .pipeline import list_cohort, prepare_out_dir, run_cohort
+    from .results import REVIEW_BELOW
     from .segment.slices import SegmentOptions
     from .settings import RunSettings, SegmenterSpec
 
@@ -295,17 +299,17 @@ def _cmd_segment(args) -> int:
         summary = run_cohort(cohort, images, Path(args.out), resume=args.resume)
         names = cohort.localizer.structures
     print(f"\n{'case':<24} {'status':<8} {'s':>6}  " + "  ".join(f"{n[:12]:>12}" for n in names))
-    for c in summary["cases"]:
+    for c in summary.cases:
         cells = []
         for n in names:
-            st = c["structures"].get(n)
-            text = "-" if not st else ("absent" if not st["present"] else f"{st['confidence']:.2f}")
+            st = c.structures.get(n)
+            text = "-" if not st else ("absent" if not st.present else f"{st.confidence:.2f}")
             cells.append(f"{text:>12}")
-        status = "earlier" if c.get("resumed") else c["status"]
-        print(f"{c['case']:<24} {status:<8} {c['seconds']:6.1f}  " + "  ".join(cells))
-        if c["error"]:
-            print(f"    error: {c['error']}")
-    counts = summary["counts"]
+        status = "earlier" if c.resumed else c.status
+        print(f"{c.case:<24} {status:<8} {c.seconds:6.1f}  " + "  ".join(cells))
+        if c.error:
+            print(f"    error: {c.error}")
+    counts = summary.counts
     print(f"\n{counts['ok'] - counts['resumed']} segmented, {counts['resumed']} finished earlier (--resume), "
           f"{counts['failed']} failed; "
           f"outputs in {args.out} (confidence per structure above; review < {REVIEW_BELOW})")

@@ -25,7 +25,8 @@ except ImportError as exc:  # optional dependency: a clear one-line error, not a
 
 from .io import case_name
 from .device import set_cpu_threads, usable_cores
-from .pipeline import CaseResult, output_lock, prepare_out_dir, resumed_result, segment_one, write_summary
+from .pipeline import output_lock, prepare_out_dir, resumed_result, segment_one, write_summary
+from .results import BatchSummary, CaseResult
 from .settings import RunSettings
 
 PLUGIN_NAME = "medlsam-cohort"
@@ -62,7 +63,7 @@ def _segment_case_task(image: str, out_dir: str) -> CaseResult:
 
 def run_cohort_dask(settings: RunSettings, images: list[Path], out_dir: Path, *, resume: bool = False,
                     scheduler: str | None = None, workers: int | None = None, client=None,
-                    show_progress: bool = True) -> dict:
+                    show_progress: bool = True) -> BatchSummary:
     """Segment every image on a Dask cluster; same outputs, summary and resume rules as ``run_cohort``.
 
     Cluster: ``client`` (an existing ``distributed.Client``), else ``scheduler`` (address of a

@@ -127,7 +127,7 @@ def run_demo(out_dir: Path, cases: int = 3, seed: int = 7, device: str = "auto",
     batch = run_cohort(settings.build(), images, out_dir / "results")
     rows = evaluate(out_dir / "results", out_dir / "cohort_labels")
     summary = {"cases": [p.stem.split(".")[0] for p in images], "deformations": deformations,
-               "batch": batch["counts"], "metrics": summarize(rows), "rows": rows,
+               "batch": batch.counts, "metrics": summarize(rows), "rows": rows,
                "seconds": round(time.perf_counter() - t0, 1)}
     write_text_atomic(out_dir / "demo_summary.json", json.dumps(summary, indent=1, default=float) + "\n")
     return summary

@@ -20,6 +20,7 @@ from scipy import ndimage
 from .errors import InputError
 from .geometry import box_from_points, box_iou, radiological_axial, wall_distance
 from .io import atomic_path, read_labels, read_volume, write_text_atomic
+from .results import CaseRecord
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -48,6 +49,20 @@ def _mask_box_lps(mask: np.ndarray, geometry):
     return None if len(kji) == 0 else box_from_points(geometry.ijk_to_lps(kji[:, ::-1].astype(float)))
 
 
+def _read_record(path: Path) -> CaseRecord | None:
+    """A finished case's record; None for a case that did not finish (its status is not ok)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable case record ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or data.get("status") != "ok":
+        return None
+    try:
+        return CaseRecord.from_json(data)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: not a MedLSAM case record (fields are missing)") from None
+
+
 def evaluate(pred_dir, labels_dir, labels_pattern: str = "{case}_label.nii.gz", case_suffix: str = "",
              out_dir=None, montage_cases: int = 4) -> list[dict]:
     pred_dir, labels_dir = Path(pred_dir), Path(labels_dir)
@@ -58,31 +73,31 @@ def evaluate(pred_dir, labels_dir, labels_pattern: str = "{case}_label.nii.gz", 
         raise InputError(f"{pred_dir}: no case results (*.json) found; run 'medlsam segment' first")
     rows, shown = [], []
     for rec_path in records:
-        rec = json.loads(rec_path.read_text(encoding="utf-8"))
-        if rec.get("status") != "ok":
+        rec = _read_record(rec_path)
+        if rec is None:
             continue
-        case = rec["case"]
+        case = rec.case
         key = case[: -len(case_suffix)] if case_suffix and case.endswith(case_suffix) else case
         gt_path = labels_dir / labels_pattern.format(case=key)
         if not gt_path.exists():
             raise InputError(f"{gt_path}: reference label map for case {case} not found (see --labels-pattern)")
         gt = read_labels(gt_path)
-        pred = read_labels(pred_dir / rec["outputs"]["labels"])
+        pred = read_labels(pred_dir / rec.outputs["labels"])
         if not gt.geometry.is_close(pred.geometry, atol=1e-3):
             raise InputError(f"{gt_path}: grid differs from the prediction for {case}")
         spacing_kji = gt.geometry.spacing[::-1]
-        for name, s in rec["structures"].items():
-            g = gt.array == s["label"]
-            p = pred.array == s["label"]
+        for name, s in rec.structures.items():
+            g = gt.array == s.label
+            p = pred.array == s.label
             gt_box = _mask_box_lps(g, gt.geometry)
-            row = {"case": case, "structure": name, "label": s["label"], "gt_voxels": int(g.sum()),
-                   "pred_voxels": int(p.sum()), "present_pred": s["present"], "confidence": s["confidence"]}
+            row = {"case": case, "structure": name, "label": s.label, "gt_voxels": int(g.sum()),
+                   "pred_voxels": int(p.sum()), "present_pred": s.present, "confidence": s.confidence}
             if gt_box is None and not p.any():
                 row.update(dice=math.nan, hd95_mm=math.nan, box_iou=math.nan, wall_mm=math.nan, note="absent in both")
             else:
                 row.update(dice=dice(p, g), hd95_mm=hd95(p, g, spacing_kji))
-                if gt_box is not None and s["present"]:
-                    row.update(box_iou=box_iou(s["box_lps"], gt_box), wall_mm=wall_distance(s["box_lps"], gt_box))
+                if gt_box is not None and s.present:
+                    row.update(box_iou=box_iou(s.box_lps, gt_box), wall_mm=wall_distance(s.box_lps, gt_box))
                 else:
                     row.update(box_iou=0.0 if gt_box is not None else math.nan, wall_mm=math.nan)
                 row["note"] = "empty prediction" if not p.any() else ("structure absent in reference" if gt_box is None else "")
@@ -174,7 +189,7 @@ def _montage(path: Path, shown) -> None:
         s = int(np.median(fg[:, 2 - ax])) if len(fg) else gt.geometry.size[ax] // 2
         view = partial(radiological_axial, geometry=gt.geometry, index=s)
         try:
-            ct = read_volume(rec["image"]).array
+            ct = read_volume(rec.image).array
             ax_plot.imshow(np.clip(view(ct), -200, 300), cmap="gray")
         except Exception:  # the CT may have moved; contours alone still tell the story
             ax_plot.imshow(np.zeros(view(gt.array).shape), cmap="gray")
@@ -185,15 +200,15 @@ def _montage(path: Path, shown) -> None:
             ax_plot.set_xlim(max(c0, 0) - 0.5, min(c1, g2.shape[1] - 1) + 0.5)
             ax_plot.set_ylim(min(r1, g2.shape[0] - 1) + 0.5, max(r0, 0) - 0.5)
         handles = []
-        for n, (name, st) in enumerate(rec["structures"].items()):
+        for n, (name, st) in enumerate(rec.structures.items()):
             color = f"C{n % 10}"
-            g3, p3 = gt.array == st["label"], pred.array == st["label"]
+            g3, p3 = gt.array == st.label, pred.array == st.label
             score = f"Dice {dice(p3, g3):.2f}" if g3.any() else "not in reference"
             handles.append(plt.Line2D([], [], color=color, label=f"{name}: {score}"))
-            if (g2 == st["label"]).any():
-                ax_plot.contour(g2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2)
-            if (p2 == st["label"]).any():
-                ax_plot.contour(p2 == st["label"], levels=[0.5], colors=[color], linewidths=1.2, linestyles="--")
+            if (g2 == st.label).any():
+                ax_plot.contour(g2 == st.label, levels=[0.5], colors=[color], linewidths=1.2)
+            if (p2 == st.label).any():
+                ax_plot.contour(p2 == st.label, levels=[0.5], colors=[color], linewidths=1.2, linestyles="--")
         ax_plot.set_title(f"{case} slice {s} (R | L, anterior up)\nreference solid, MedLSAM dashed", fontsize=8)
         ax_plot.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=6,
                        framealpha=0.7)  # Dice of the whole 3D mask; below the picture, not over it

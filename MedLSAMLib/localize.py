@@ -1,4 +1,4 @@
-"""Localization as a user runs it: templates + a query CT -> boxes.json content.
+"""MedLAM localization as a user runs it: templates + a query CT -> a Localization (boxes.json).
 
 Shared by ``medlsam localize``, the segmentation pipeline and the Slicer logic.
 """
@@ -12,6 +12,7 @@ from .errors import InputError
 from .io import Volume, read_ct
 from .medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
 from .medlam.search import Localizer, SearchOptions, SupportSet, prepare
+from .results import Localization
 from .templates import Template, load_template
 
 
@@ -52,7 +53,7 @@ class TemplateLocalizer:
     def describe(self) -> dict:
         return {"kind": self.kind, "checkpoint": {"path": str(self.checkpoint), "sha256": self.checkpoint_sha256}}
 
-    def localize(self, image: str | Path | Volume) -> dict:
+    def localize(self, image: str | Path | Volume) -> Localization:
         t0 = time.perf_counter()
         volume = image if isinstance(image, Volume) else read_ct(image)
         t_read = time.perf_counter()
@@ -62,13 +63,9 @@ class TemplateLocalizer:
         timing = {"read": t_read - t0, "preprocess": t_prep - t_read, **result.pop("timing_s"),
                   "templates_setup": self.setup_s}
         timing["total_query"] = time.perf_counter() - t0
-        return {
-            "image": str(volume.meta.get("path", volume.name)),
-            "mode": self.localizer.opts.mode,
-            "templates": [str(t.directory) for t in self.templates],
-            "checkpoint": {"path": str(self.checkpoint), "sha256": self.checkpoint_sha256},
-            "localizer": self.describe(),
-            "device": str(self.device),
-            "structures": result["structures"],
-            "timing_s": {k: round(v, 3) for k, v in timing.items()},
-        }
+        return Localization(
+            image=str(volume.meta.get("path", volume.name)), mode=self.localizer.opts.mode,
+            templates=[str(t.directory) for t in self.templates],
+            checkpoint={"path": str(self.checkpoint), "sha256": self.checkpoint_sha256},
+            localizer=self.describe(), device=str(self.device), structures=result["structures"],
+            timing_s={k: round(v, 3) for k, v in timing.items()})

@@ -15,7 +15,6 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,43 +24,8 @@ from .errors import USER_ERRORS, InputError
 from .io import (Volume, case_name, read_ct, remove_stale_temporaries, write_segmentation, write_text_atomic,
                  write_volume)
 from .preprocess import SAM_WINDOW
+from .results import BatchSummary, CaseRecord, CaseResult, Segmented
 from .segment.slices import SegmentOptions, StructureRequest, segment_volume
-
-
-@dataclass
-class CaseResult:
-    case: str
-    image: str
-    status: str  # "ok" or "failed"
-    seconds: float = 0.0
-    error: str | None = None
-    structures: dict = field(default_factory=dict)
-    traceback: str | None = None  # for unexpected errors only (bugs), not for user errors
-    resumed: bool = False  # "ok" from an earlier run's complete outputs (``--resume``), not redone
-
-
-#: Confidence under which a structure is flagged for review, everywhere (CLI tables, Slicer results).
-REVIEW_BELOW = 0.3
-
-
-def needs_review(structure: dict) -> bool:
-    """The one review rule: absent, low confidence, or (once segmented) an empty mask."""
-    return (not structure["present"] or structure["confidence"] < REVIEW_BELOW
-            or structure.get("voxels", 1) == 0)
-
-
-def structure_summary(structures: dict) -> dict:
-    """What a batch summary keeps of each localized / segmented structure."""
-    return {name: {"present": r["present"], "confidence": r["confidence"], "voxels": r.get("voxels", 0)}
-            for name, r in structures.items()}
-
-
-def prompt_boxes(structure: dict, prompt: str) -> list:
-    """The ijk boxes that prompt the segmenter for one localized structure: its per-slice boxes
-    (``prompt="shape"``, when the localizer mapped a shape), else its (sub-)boxes."""
-    if prompt == "shape" and structure.get("slice_boxes_ijk"):
-        return structure["slice_boxes_ijk"]
-    return structure["sub_boxes_ijk"]
 
 
 def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
@@ -91,8 +55,12 @@ def resumed_result(out_dir: Path, path: Path) -> CaseResult | None:
     record = _complete_record(Path(out_dir), case)
     if record is None:
         return None
+    try:
+        structures = CaseRecord.from_json(record).summaries()
+    except (KeyError, TypeError, ValueError):  # a damaged record: the case is redone
+        return None
     return CaseResult(case, str(path), "ok", float(record.get("timing_s", {}).get("total", 0.0)),
-                      structures=structure_summary(record.get("structures", {})), resumed=True)
+                      structures=structures, resumed=True)
 
 
 @contextlib.contextmanager
@@ -132,30 +100,28 @@ class CohortSegmenter:
         first = localizer.templates[0]
         self.structures = {name: first.structures[name] for name in localizer.structures}
 
-    def segment_volume(self, volume: Volume, progress=None) -> tuple[np.ndarray, dict]:
+    def segment_volume(self, volume: Volume, progress=None) -> tuple[np.ndarray, CaseRecord]:
         """Label map and the case record (no files written)."""
         t0 = time.perf_counter()
         want_priors = self.options.prior_weight > 0 and getattr(self.localizer, "gives_priors", False)
         loc = self.localizer.localize(volume, priors=True) if want_priors else self.localizer.localize(volume)
-        priors = loc.pop("priors", {})
         t_loc = time.perf_counter() - t0
         requests = []
-        for name, r in loc["structures"].items():
-            if r["present"]:
+        for name, r in loc.structures.items():
+            if r.present:
                 s = self.structures[name]
-                requests.append(StructureRequest(name, s.label, prompt_boxes(r, self.options.prompt),
-                                                 s.window or SAM_WINDOW, priors.get(name)))
+                requests.append(StructureRequest(name, s.label, r.prompt_boxes(self.options.prompt),
+                                                 s.window or SAM_WINDOW, loc.priors.get(name)))
         labels, stats, timing = segment_volume(volume, requests, self.segmenter, self.options, progress)
-        for name, r in loc["structures"].items():
-            r.update(stats.get(name, {"voxels": 0}))
-        record = {
-            "image": loc["image"], "mode": loc["mode"], "structures": loc["structures"],
-            "timing_s": {"localize": round(t_loc, 3), **{k: round(v, 3) for k, v in timing.items()},
-                         "total": round(time.perf_counter() - t0, 3)},
-            "models": {"localizer": loc["localizer"], **({"medlam": loc["checkpoint"]} if "checkpoint" in loc else {}),
-                       "segmenter": self.segmenter.describe()},
-            "medlsam_version": __version__, "python": platform.python_version(),
-        }
+        structures = {name: r.with_segmentation(Segmented(**stats.get(name, {"voxels": 0})))
+                      for name, r in loc.structures.items()}
+        record = CaseRecord(
+            image=loc.image, mode=loc.mode, structures=structures,
+            timing_s={"localize": round(t_loc, 3), **{k: round(v, 3) for k, v in timing.items()},
+                      "total": round(time.perf_counter() - t0, 3)},
+            models={"localizer": loc.localizer, **({"medlam": loc.checkpoint} if loc.checkpoint else {}),
+                    "segmenter": self.segmenter.describe()},
+            medlsam_version=__version__, python=platform.python_version())
         return labels, record
 
     def segment_case(self, image_path: Path, out_dir: Path, progress=None) -> CaseResult:
@@ -171,13 +137,12 @@ class CohortSegmenter:
         write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color,
                                            "terminology": s.terminology} for s in self.structures.values()],
                            paths["seg"])
-        record["timing_s"]["write"] = round(time.perf_counter() - t_write, 3)
-        record["timing_s"]["read"] = round(t_read - t0, 3)
-        record["timing_s"]["total"] = round(time.perf_counter() - t0, 3)  # read + localize + segment + write
-        record.update({"case": case, "status": "ok", "outputs": {k: p.name for k, p in paths.items()}})
-        write_text_atomic(paths["json"], json.dumps(record, indent=1) + "\n")  # last: marks the case complete
-        return CaseResult(case, str(image_path), "ok", time.perf_counter() - t0,
-                          structures=structure_summary(record["structures"]))
+        record.timing_s["write"] = round(time.perf_counter() - t_write, 3)
+        record.timing_s["read"] = round(t_read - t0, 3)
+        record.timing_s["total"] = round(time.perf_counter() - t0, 3)  # read + localize + segment + write
+        record.case, record.status, record.outputs = case, "ok", {k: p.name for k, p in paths.items()}
+        write_text_atomic(paths["json"], json.dumps(record.to_json(), indent=1) + "\n")  # last: marks the case complete
+        return CaseResult(case, str(image_path), "ok", time.perf_counter() - t0, structures=record.summaries())
 
 
 def list_cohort(images=None, images_dir=None) -> list[Path]:
@@ -235,22 +200,14 @@ def prepare_out_dir(out_dir) -> Path:
     return out_dir
 
 
-def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **extra) -> dict:
-    summary = {
-        "medlsam_version": __version__,
-        "templates": [str(t) for t in template_dirs],
-        **extra,
-        "cases": [r.__dict__ for r in results],
-        # "ok" counts every finished case, "resumed" those of them finished by an earlier run
-        "counts": {"ok": sum(r.status == "ok" for r in results), "failed": sum(r.status == "failed" for r in results),
-                   "resumed": sum(r.resumed for r in results)},
-    }
-    write_text_atomic(Path(out_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
+def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **extra) -> BatchSummary:
+    summary = BatchSummary(__version__, [str(t) for t in template_dirs], list(results), extra)
+    write_text_atomic(Path(out_dir) / "summary.json", json.dumps(summary.to_json(), indent=1) + "\n")
     return summary
 
 
 def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resume: bool = False,
-               show_progress: bool = True) -> dict:
+               show_progress: bool = True) -> BatchSummary:
     """Segment every image in this process; never stop on one failure. Returns (and writes) the summary."""
     from tqdm import tqdm
 

@@ -1,14 +1,14 @@
 """Registration baseline: affine-register each template CT to the query, map its extreme points.
 
 This is the classical atlas approach MedLAM is compared against (benchmarks/localization.py).
-Points from several templates are fused by their per-coordinate median.
+The localizer built on it (points of several templates fused by their per-coordinate median) is
+:class:`MedLSAMLib.localizers.registration.RegistrationLocalizer`.
 """
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import box_from_extreme_points, box_lps_to_ijk
 from .io import Volume, to_sitk
 from .templates import Template
 
@@ -43,21 +43,3 @@ def map_template_points(template: Template, template_image: Volume, query: Volum
     inverse = tx.GetInverse()
     return {s: np.array([inverse.TransformPoint(tuple(float(v) for v in p)) for p in template.structures[s].points])
             for s in structures}
-
-
-def localize_by_registration(templates: list[tuple[Template, Volume]], query: Volume, structures: list[str]) -> dict:
-    """Same result layout as MedLAM's localizer (present is always true; no confidence model)."""
-    mapped = [map_template_points(t, img, query, structures) for t, img in templates]
-    out = {}
-    for s in structures:
-        pts = np.median(np.stack([m[s] for m in mapped]), axis=0)
-        box = box_from_extreme_points(pts, strict=False)
-        out[s] = {
-            "label": templates[0][0].structures[s].label,
-            "present": True,
-            "box_lps": box.round(3).tolist(),
-            "box_ijk": box_lps_to_ijk(box, query.geometry).tolist(),
-            "extreme_points_lps": pts.round(3).tolist(),
-            "per_template_points_lps": [m[s] for m in mapped],
-        }
-    return {"structures": out}

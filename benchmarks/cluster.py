@@ -55,13 +55,13 @@ def main():
     setup_local = time.perf_counter() - t0
     local = run_cohort(cohort, images, work / "local", show_progress=False)
     wall_local = time.perf_counter() - t0
-    assert local["counts"]["ok"] == len(images), local["counts"]
+    assert local.counts["ok"] == len(images), local.counts
     del cohort
 
     t0 = time.perf_counter()
     dask_summary = run_cohort_dask(settings, images, work / "dask", workers=args.workers, show_progress=False)
     wall_dask = time.perf_counter() - t0
-    assert dask_summary["counts"]["ok"] == len(images), dask_summary["counts"]
+    assert dask_summary.counts["ok"] == len(images), dask_summary.counts
 
     cores = usable_cores()
     st_local, st_dask = stage_times(work / "local", names), stage_times(work / "dask", names)

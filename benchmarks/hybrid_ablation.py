@@ -59,12 +59,12 @@ def main():
             kji = np.argwhere(labels.array == value)
             gt = gts[name] = box_from_points(labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float)))
             for stage in STAGES:
-                box = np.array(result["structures"][name]["box_lps"] if stage == "final" else result["stages"][name][stage])
+                box = np.array(result.structures[name].box_lps if stage == "final" else result.stages[name][stage])
                 scores[stage].append((name, box_iou(box, gt), wall_distance(box, gt)))
                 if stage == "final":
                     signed.setdefault(name, []).append(np.concatenate([gt[0] - box[0], box[1] - gt[1]]))
-        dump.append({"case": case, "stages": result["stages"], "gt": {k: v.tolist() for k, v in gts.items()},
-                     "final": {k: v["box_lps"] for k, v in result["structures"].items()}})
+        dump.append({"case": case, "stages": result.stages, "gt": {k: v.tolist() for k, v in gts.items()},
+                     "final": {k: v.box_lps for k, v in result.structures.items()}})
         print(case, " ".join(f"{s} {np.mean([x[1] for x in scores[s][-5:]]):.3f}" for s in STAGES),
               f"{seconds[-1]:.1f} s", flush=True)
     print(f"settings {args.settings} fusion {args.fusion}")

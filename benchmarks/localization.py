@@ -41,7 +41,7 @@ from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk
 from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localize import TemplateLocalizer
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
-from MedLSAMLib.registration import localize_by_registration
+from MedLSAMLib.localizers.registration import RegistrationLocalizer
 from MedLSAMLib.templates import load_template_set
 
 from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
@@ -78,6 +78,13 @@ def score(boxes: dict, labels, present: dict | None = None, confidence: dict | N
             entry["confidence"] = confidence[name]
         out[name] = entry
     return out
+
+
+def score_localization(result, labels) -> dict:
+    """``score`` of a localizer's Localization (its boxes, presence and confidence)."""
+    s = result.structures
+    return score({k: v.box_lps for k, v in s.items()}, labels, {k: v.present for k, v in s.items()},
+                 {k: v.confidence for k, v in s.items()})
 
 
 # --- the deformable ceiling arm ---------------------------------------------------------------------
@@ -191,8 +198,9 @@ def main():
         t0 = time.perf_counter()
         hybrid = HybridLocalizer(tdirs, cache_dir=cache)
         setup["hybrid_from_cache"] = time.perf_counter() - t0
-    templates = [(t, t.load_image()) for t in load_template_set(tdirs)[0]] \
-        if ({"registration", "deformable"} & set(args.arms)) else []
+    if "registration" in args.arms:
+        registration = RegistrationLocalizer(tdirs)  # loads the template CTs once
+    templates = [(t, t.load_image()) for t in load_template_set(tdirs)[0]] if "deformable" in args.arms else []
     template_labels = [t.load_labels() for t, _ in templates]
 
     per_case, presence = [], []
@@ -201,33 +209,28 @@ def main():
         labels = read_labels(hn / f"{case}_label.nii.gz")
         row = {"case": case}
         if "medlam" in args.arms:
-            res = timed("medlam", lambda: medlam.localize(ct))
-            s = res["structures"]
-            row["medlam"] = score({k: v["box_lps"] for k, v in s.items()}, labels,
-                                  {k: v["present"] for k, v in s.items()}, {k: v["confidence"] for k, v in s.items()})
+            row["medlam"] = score_localization(timed("medlam", lambda: medlam.localize(ct)), labels)
         if "registration" in args.arms:
-            res = timed("registration", lambda: localize_by_registration(templates, ct, names))
-            row["registration"] = score({k: v["box_lps"] for k, v in res["structures"].items()}, labels)
+            res = timed("registration", lambda: registration.localize(ct))
+            row["registration"] = score({k: v.box_lps for k, v in res.structures.items()}, labels)
         if "deformable" in args.arms and (not args.deformable_limit or n <= args.deformable_limit):
             boxes = timed("deformable", lambda: deformable_boxes([img for _, img in templates], template_labels, ct))
             row["deformable"] = score(boxes, labels)
         if "hybrid" in args.arms:
             res = timed("hybrid", lambda: hybrid.localize(ct, keep_stages=True))
-            s = res["structures"]
-            row["hybrid"] = score({k: v["box_lps"] for k, v in s.items()}, labels,
-                                  {k: v["present"] for k, v in s.items()}, {k: v["confidence"] for k, v in s.items()})
-            row["hybrid_timing_s"] = res["timing_s"]
+            row["hybrid"] = score_localization(res, labels)
+            row["hybrid_timing_s"] = res.timing_s
             # the stages of the same run: global maps only, then + local (median of all templates)
-            row["hybrid_global"] = score({k: v["global"] for k, v in res["stages"].items()}, labels)
-            row["hybrid_local"] = score({k: v["local"] for k, v in res["stages"].items()}, labels)
-            row["hybrid_closed"] = score({k: v["closed_faces"] for k, v in res["stages"].items()}, labels)
-            row["hybrid_templates_used"] = res["stages"][names[0]]["templates_used"]
-            row["hybrid_templates_realigned"] = res["stages"][names[0]]["templates_realigned"]
+            row["hybrid_global"] = score({k: v["global"] for k, v in res.stages.items()}, labels)
+            row["hybrid_local"] = score({k: v["local"] for k, v in res.stages.items()}, labels)
+            row["hybrid_closed"] = score({k: v["closed_faces"] for k, v in res.stages.items()}, labels)
+            row["hybrid_templates_used"] = res.stages[names[0]]["templates_used"]
+            row["hybrid_templates_realigned"] = res.stages[names[0]]["templates_realigned"]
             cropped_ct, cropped_labels = crop_below_brainstem(ct, labels)
-            c = hybrid.localize(cropped_ct)["structures"]
+            c = hybrid.localize(cropped_ct).structures
             for value, name in CORE5:
                 truly = bool((cropped_labels.array == value).any())
-                presence.append({"case": case, "structure": name, "in_fov": truly, "reported": c[name]["present"]})
+                presence.append({"case": case, "structure": name, "in_fov": truly, "reported": c[name].present})
         per_case.append(row)
         print(f"[{n}/{len(queries)}] {case}: " + ", ".join(
             f"{arm} {np.mean([v['iou'] for v in row[arm].values() if 'iou' in v]):.3f}"

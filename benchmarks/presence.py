@@ -38,10 +38,10 @@ def main():
     for case in splits["dev_eval_core5"]:
         ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
         cropped_ct, cropped_labels = crop_below_brainstem(ct, labels)
-        found = loc.localize(cropped_ct)["structures"]
+        found = loc.localize(cropped_ct).structures
         for value, name in CORE5:
             rows.append({"case": case, "structure": name, "voxels_left": int((cropped_labels.array == value).sum()),
-                         "voxels": int((labels.array == value).sum()), "inside_fraction": found[name]["inside_fraction"]})
+                         "voxels": int((labels.array == value).sum()), "inside_fraction": found[name].evidence["inside_fraction"]})
         print(case, flush=True)
     table = []
     for t in THRESHOLDS:

@@ -40,7 +40,8 @@ from MedLSAMLib.evaluate import dice, hd95
 from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers import LocalizerSpec
-from MedLSAMLib.pipeline import CohortSegmenter, prompt_boxes
+from MedLSAMLib.pipeline import CohortSegmenter
+from MedLSAMLib.results import Localization
 from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
@@ -68,10 +69,9 @@ def manual_prompt_requests(labels, rng) -> list[StructureRequest]:
     return out
 
 
-def localized_requests(localization: dict, prompt: str) -> list[StructureRequest]:
-    priors = localization.get("priors", {})
-    return [StructureRequest(name, r["label"], prompt_boxes(r, prompt), SAM_WINDOW, priors.get(name))
-            for name, r in localization["structures"].items() if r["present"]]
+def localized_requests(localization: Localization, prompt: str) -> list[StructureRequest]:
+    return [StructureRequest(name, r.label, r.prompt_boxes(prompt), SAM_WINDOW, localization.priors.get(name))
+            for name, r in localization.structures.items() if r.present]
 
 
 class CachingSegmenter:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "MedLSAM"))
+sys.path[:0] = [str(REPO / "MedLSAM"), str(REPO / "MedLSAM" / "Testing" / "Python")]
 
 
 def main() -> int:
@@ -29,38 +29,31 @@ def main() -> int:
 
     import slicer
 
-    from MedLSAMLib.evaluate import dice
-    from MedLSAMLib.io import read_ct, read_labels
     from MedLSAMLib.device import set_cpu_threads
+    from MedLSAMLib.io import read_ct
     from MedLSAMLib.localizers import LocalizerSpec
-    from MedLSAMLib.pipeline import run_cohort
     from MedLSAMLib.settings import RunSettings
     from MedLSAMMRML.logic import MedLSAMCore
-    from MedLSAMMRML.nodes import add_volume_node, segment_mask
+    from MedLSAMMRML.nodes import add_volume_node
+    from medlsam_scenarios import MIN_DICE_VS_COMMAND_LINE, compare_with_command_line
 
     set_cpu_threads()
     scene = slicer.vtkMRMLScene()
     slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
     images = [Path(p) for p in args.image]
     volumes = [add_volume_node(scene, read_ct(p), p.name.split(".")[0]) for p in images]
-    core = MedLSAMCore(scene)
     settings = RunSettings(tuple(args.template), LocalizerSpec(mode=args.mode, device="cpu"))
     t0 = time.perf_counter()
-    results = core.process_cohort(volumes, settings,
-                                  progress_callback=lambda i, n, s: print(f"[{i}/{n}] {s}", flush=True))
-    print(f"Slicer logic: {[r['status'] for r in results]} in {time.perf_counter() - t0:.0f} s")
-    localizer = core.localizer(settings)
-    cli = run_cohort(settings.build(), images, Path(args.out), show_progress=False)
-    print(f"command-line pipeline: {cli['counts']}")
-    ok = all(r["status"] == "ok" for r in results) and cli["counts"]["ok"] == len(images)
-    for node, path in zip(volumes, images):
-        seg = scene.GetFirstNodeByName(node.GetName() + " MedLSAM")
-        written = read_labels(Path(args.out) / f"{path.name.split('.')[0]}_labels.nii.gz")
-        for s in localizer.templates[0].structures.values():
-            mine, theirs = segment_mask(seg, s.name, written.geometry), written.array == s.label
-            score = dice(mine, theirs) if (mine.any() or theirs.any()) else 1.0
-            ok &= score >= 0.99
-            print(f"{node.GetName():<14} {s.name:<14} voxels {int(mine.sum()):>6} vs {int(theirs.sum()):>6}  Dice {score:.4f}")
+    results = MedLSAMCore(scene).process_cohort(volumes, settings,
+                                                progress_callback=lambda i, n, s: print(f"[{i}/{n}] {s}", flush=True))
+    print(f"Slicer logic: {[r.status for r in results]} in {time.perf_counter() - t0:.0f} s")
+    scores, problems = compare_with_command_line(scene, volumes, images, results, settings, Path(args.out))
+    for (volume, structure), score in scores.items():
+        print(f"{volume:<14} {structure:<14} Dice {score:.4f} vs the command line")
+    for problem in problems:
+        print(problem)
+    ok = (all(r.status == "ok" for r in results) and not problems
+          and all(score >= MIN_DICE_VS_COMMAND_LINE for score in scores.values()))
     print("MATCH" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -19,6 +19,7 @@ import slicer
 
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.preprocess import SAM_WINDOW
+from MedLSAMLib.results import Localization, StructureResult
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
 from .nodes import (ijk_to_world_ras, image_block, matrix_to_numpy, node_geometry, numpy_to_matrix, oriented_image,
@@ -63,20 +64,20 @@ def ijk_box_from_roi(roi_node, volume_node) -> list[list[int]]:
     return [lo.tolist(), hi.tolist()]
 
 
-def structure_entry(localization: dict, structure: str) -> dict:
-    """The localization entry for ``structure``, or a one-line error naming what the templates have."""
-    if structure not in localization["structures"]:
+def structure_entry(localization: Localization, structure: str) -> StructureResult:
+    """The localization's result for ``structure``, or a one-line error naming what the templates have."""
+    if structure not in localization.structures:
         raise InputError(f"the templates have no structure {structure!r} "
-                         f"(they have {', '.join(localization['structures'])})")
-    return localization["structures"][structure]
+                         f"(they have {', '.join(localization.structures)})")
+    return localization.structures[structure]
 
 
 def box_roi_for_structure(core, settings, volume_node, structure: str):
-    """Localize ``structure`` with the settings' templates and localizer; (ROI node, localization
-    entry for it). Blocking: the effect runs ``core.localizer(settings).localize`` on a
+    """Localize ``structure`` with the settings' templates and localizer; (ROI node, its
+    StructureResult). Blocking: the effect runs ``core.localizer(settings).localize`` on a
     :class:`~MedLSAMMRML.jobs.BackgroundJob` and then :func:`roi_from_ijk_box` instead."""
     entry = structure_entry(core.localize(settings, volume_node), structure)
-    return roi_from_ijk_box(core.scene, volume_node, entry["box_ijk"], f"{structure} box"), entry
+    return roi_from_ijk_box(core.scene, volume_node, entry.box_ijk, f"{structure} box"), entry
 
 
 def axial_slice_at(volume_node, ras) -> int:

@@ -14,15 +14,35 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 
 from MedLSAMLib.errors import USER_ERRORS, Cancelled
-from MedLSAMLib.pipeline import CohortSegmenter, needs_review, structure_summary
+from MedLSAMLib.pipeline import CohortSegmenter
+from MedLSAMLib.results import CaseRecord, Localization
 from MedLSAMLib.settings import RunSettings, SegmenterChoice, SegmenterSpec, load_segmenter_choice
 
 from .jobs import BackgroundJob
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
 
 RESULT_SUFFIX = " MedLSAM"
+
+
+@dataclass
+class VolumeResult:
+    """One volume of a cohort run in Slicer (the panel's results table)."""
+
+    volume: str  # the volume node's name
+    status: str  # ok, failed or cancelled
+    seconds: float | None = None
+    segmentation: str | None = None  # ID of the segmentation node written
+    structures: dict = field(default_factory=dict)  # name -> MedLSAMLib.results.StructureSummary
+    error: str | None = None
+    traceback: str | None = None  # unexpected errors only (bugs)
+
+    @property
+    def review(self) -> list[str]:
+        """Structures to look at: :meth:`~MedLSAMLib.results.StructureSummary.needs_review`."""
+        return [name for name, s in self.structures.items() if s.needs_review()]
 
 
 class MedLSAMCore:
@@ -52,7 +72,7 @@ class MedLSAMCore:
         return CohortSegmenter(localizer, segmenter or self.segmenter(settings.segmenter, localizer.device), settings.options)
 
     # -- operations -------------------------------------------------------------------------
-    def localize(self, settings: RunSettings, volume_node) -> dict:
+    def localize(self, settings: RunSettings, volume_node) -> Localization:
         return self.localizer(settings).localize(volume_from_node(volume_node))
 
     def write_result(self, volume_node, volume, labels, cohort: CohortSegmenter, segmentation_node=None):
@@ -66,7 +86,8 @@ class MedLSAMCore:
         place_under_study(self.scene, segmentation_node, volume_node)
         return segmentation_node
 
-    def segment(self, volume_node, settings: RunSettings, segmentation_node=None, segmenter=None, progress=None):
+    def segment(self, volume_node, settings: RunSettings, segmentation_node=None, segmenter=None,
+                progress=None) -> tuple[object, CaseRecord]:
         """Localize and segment one volume into ``segmentation_node`` (created as '<volume> MedLSAM')."""
         cohort = self.cohort_segmenter(settings, segmenter)
         volume = volume_from_node(volume_node)  # one copy of the node's voxels
@@ -74,7 +95,7 @@ class MedLSAMCore:
         return self.write_result(volume_node, volume, labels, cohort, segmentation_node), record
 
     def process_cohort(self, volume_nodes, settings: RunSettings, segmenter=None, progress_callback=None,
-                       cancel_event=None) -> list[dict]:
+                       cancel_event=None) -> list[VolumeResult]:
         """Segment every volume (blocking); one failure does not stop the others; cancel keeps finished results.
 
         ``progress_callback(case_index, case_count, stage)`` is called between stages;
@@ -90,9 +111,7 @@ class MedLSAMCore:
 class CohortRun:
     """One cohort, one case at a time; ``poll()`` from the main thread until it returns False.
 
-    ``results``: one dict per volume in input order: ``volume``, ``status`` (ok / failed /
-    cancelled), ``seconds``, ``segmentation`` (node ID), ``structures`` (present, confidence,
-    voxels), ``review`` (structures that :func:`~MedLSAMLib.pipeline.needs_review`), ``error``.
+    ``results``: one :class:`VolumeResult` per volume, in input order.
     """
 
     def __init__(self, core: MedLSAMCore, volume_nodes, settings: RunSettings, *, segmenter=None,
@@ -103,7 +122,7 @@ class CohortRun:
         self.segmenter = segmenter  # an already loaded segmenter to use instead of the settings' (tests)
         self.progress_callback = progress_callback
         self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
-        self.results: list[dict] = []
+        self.results: list[VolumeResult] = []
         self._job = None  # the BackgroundJob of the running case
         self._case = None  # (node, volume copy, start time) of the running case
         self._cohort = None
@@ -137,13 +156,13 @@ class CohortRun:
             return False
         node = self.nodes[index]
         if self.cancel_event.is_set():
-            self.results.append({"volume": node.GetName(), "status": "cancelled"})
+            self.results.append(VolumeResult(node.GetName(), "cancelled"))
             return True
         self._progress(index, f"segmenting {node.GetName()}")
         try:
             volume = volume_from_node(node)  # MRML read: main thread
         except USER_ERRORS as exc:
-            self.results.append({"volume": node.GetName(), "status": "failed", "error": str(exc)})
+            self.results.append(VolumeResult(node.GetName(), "failed", error=str(exc)))
             return True
         self._case = (node, volume, time.perf_counter())
         self._job = BackgroundJob(lambda report: self._compute(volume, report), self.cancel_event)
@@ -152,21 +171,19 @@ class CohortRun:
     def _finish_case(self) -> None:
         node, volume, t0 = self._case
         job, self._job, self._case = self._job, None, None
-        entry = {"volume": node.GetName(), "seconds": round(time.perf_counter() - t0, 1)}
+        entry = VolumeResult(node.GetName(), "ok", seconds=round(time.perf_counter() - t0, 1))
         try:
             labels, record = job.result()
             seg_node = self.core.write_result(node, volume, labels, self._cohort)  # MRML write: main thread
         except Cancelled:
-            entry.update(status="cancelled")
+            entry.status = "cancelled"
         except USER_ERRORS as exc:
-            entry.update(status="failed", error=str(exc))
+            entry.status, entry.error = "failed", str(exc)
         except Exception as exc:  # keep going; the trace is kept for the results table
-            entry.update(status="failed", error=f"{exc.__class__.__name__}: {exc}",
-                         traceback=traceback.format_exc(limit=5))
+            entry.status, entry.error = "failed", f"{exc.__class__.__name__}: {exc}"
+            entry.traceback = traceback.format_exc(limit=5)
         else:
-            structures = structure_summary(record["structures"])
-            entry.update(status="ok", segmentation=seg_node.GetID(), structures=structures,
-                         review=[n for n, s in structures.items() if needs_review(s)])
+            entry.segmentation, entry.structures = seg_node.GetID(), record.summaries()
         self.results.append(entry)
 
     def _progress(self, index: int, stage: str) -> None:

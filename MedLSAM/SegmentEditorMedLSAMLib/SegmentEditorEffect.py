@@ -249,11 +249,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 entry = effect.structure_entry(result, name)
                 if self._roi is not None:
                     slicer.mrmlScene.RemoveNode(self._roi)
-                self._roi = effect.roi_from_ijk_box(slicer.mrmlScene, volumeNode, entry["box_ijk"], f"{name} box")
+                self._roi = effect.roi_from_ijk_box(slicer.mrmlScene, volumeNode, entry.box_ijk, f"{name} box")
                 first, last = self._roiSliceRange(volumeNode)
                 self.firstSliceSpinBox.value, self.lastSliceSpinBox.value = first, last
-                note = "" if entry["present"] else " (the templates think it is absent: check the box)"
-                self.statusLabel.text = f"{name}: box proposed, confidence {entry['confidence']:.2f}{note}."
+                note = "" if entry.present else " (the templates think it is absent: check the box)"
+                self.statusLabel.text = f"{name}: box proposed, confidence {entry.confidence:.2f}{note}."
 
             self.startJob(localize, done, f"localizing {name}")
 

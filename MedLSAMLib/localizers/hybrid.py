@@ -26,6 +26,7 @@ import torch
 from ..errors import InputError
 from ..geometry import Geometry, box_from_points, box_lps_to_ijk
 from ..io import Volume, read_ct
+from ..results import Localization, StructureResult
 from ..templates import extreme_points_of_cloud, load_template_set
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
 from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, extend_open_faces, fit_shape,
@@ -70,9 +71,9 @@ class HybridLocalizer:
                 "template_cache": str(self.cache_dir) if self.cache_dir else None}
 
     # -- query ---------------------------------------------------------------------------------
-    def localize(self, image: str | Path | Volume, keep_stages: bool = False, priors: bool = False) -> dict:
+    def localize(self, image: str | Path | Volume, keep_stages: bool = False, priors: bool = False) -> Localization:
         """Boxes, presence and shape of every structure in one CT. ``priors``: also each present
-        structure's shape prior (see :meth:`shape_priors`) under ``"priors"`` (arrays, not JSON)."""
+        structure's shape prior (see :meth:`shape_priors`) in ``Localization.priors``."""
         t0 = time.perf_counter()
         volume = image if isinstance(image, Volume) else read_ct(image)
         t_read = time.perf_counter()
@@ -96,17 +97,11 @@ class HybridLocalizer:
         timing = {"read": t_read - t0, "preprocess": t_prep - t_read, "global": t_global - t_prep,
                   "local": t_local - t_global, "fuse": t_end - t_local, "templates_setup": self.setup_s,
                   "total_query": t_end - t0}
-        return {
-            "image": str(volume.meta.get("path", volume.name)),
-            "mode": self.mode,
-            "templates": [str(t.directory) for t in self.templates],
-            "localizer": self.describe(),
-            "device": str(self.device),
-            "structures": result["structures"],
-            **({"stages": result["stages"]} if keep_stages else {}),
-            **({"priors": result["priors"]} if priors else {}),
-            "timing_s": {k: round(v, 3) for k, v in timing.items()},
-        }
+        return Localization(
+            image=str(volume.meta.get("path", volume.name)), mode=self.mode,
+            templates=[str(t.directory) for t in self.templates], localizer=self.describe(), device=str(self.device),
+            structures=result["structures"], stages=result["stages"] if keep_stages else None,
+            priors=result.get("priors", {}), timing_s={k: round(v, 3) for k, v in timing.items()})
 
     def _query_image(self, volume: Volume, spacing: float, sigma: float, hu_range=HU_RANGE) -> QueryImage:
         arr, valid, geo = working_image(volume, spacing, sigma, hu_range)
@@ -247,10 +242,10 @@ class HybridLocalizer:
         size = np.asarray(geometry.size)
         for name, entry in structures.items():
             voters = [t for t in used if self.prepared[t].structures[name].mask.size]
-            if not entry["present"] or not voters:
+            if not entry.present or not voters:
                 continue
-            lo = np.maximum(np.asarray(entry["box_ijk"][0]) - margin, 0)
-            hi = np.minimum(np.asarray(entry["box_ijk"][1]) + margin, size - 1)
+            lo = np.maximum(np.asarray(entry.box_ijk[0]) - margin, 0)
+            hi = np.minimum(np.asarray(entry.box_ijk[1]) + margin, size - 1)
             k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in (2, 1, 0)), indexing="ij")
             lps = geometry.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3).astype(float))
             prob = np.zeros(len(lps), np.float32)
@@ -263,7 +258,7 @@ class HybridLocalizer:
         return out
 
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
-                         match, frac, n_used, n_templates, from_mask) -> dict:
+                         match, frac, n_used, n_templates, from_mask) -> StructureResult:
         box = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
         shape = fit_shape(medoid_shape, fused.box)
         shape = shape[np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)]
@@ -272,25 +267,18 @@ class HybridLocalizer:
             extent = float(np.ptp(shape[:, 2]))
             n_parts = int(max(1, min(extent // SPL_INTERVAL_MM, SPL_MAX_PARTS)))
             parts = _slab_boxes(shape, n_parts) if n_parts > 1 else parts
-        entry = {
-            "label": self.templates[0].structures[name].label,
-            "present": bool(present),
-            "confidence": round(confidence(fused.agreement, match, n_used, n_templates), 4) if present else 0.0,
-            "box_lps": box.round(3).tolist(),
-            "box_ijk": box_lps_to_ijk(box, geometry).tolist(),
-            "sub_boxes_lps": [b.round(3).tolist() for b in parts],
-            "sub_boxes_ijk": [box_lps_to_ijk(b, geometry).tolist() for b in parts],
-            "extreme_points_lps": (extreme_points_of_cloud(shape, 1.0) if len(shape) else
-                                   extreme_points_of_cloud(box_from_points(box), 1.0)).round(3).tolist(),
-            "slice_boxes_ijk": _slice_boxes(shape, geometry) if from_mask else None,
-            "match": round(match, 4),
-            "agreement": round(fused.agreement, 4),
-            "templates_used": n_used,
-            "inside_fraction": round(frac, 4),
-        }
-        if self.mode == "spl" and not from_mask:
-            entry["note"] = "SPL needs template label maps; used one box (WPL)"
-        return entry
+        return StructureResult(
+            label=self.templates[0].structures[name].label, present=bool(present),
+            confidence=round(confidence(fused.agreement, match, n_used, n_templates), 4) if present else 0.0,
+            box_lps=box.round(3).tolist(), box_ijk=box_lps_to_ijk(box, geometry).tolist(),
+            sub_boxes_lps=[b.round(3).tolist() for b in parts],
+            sub_boxes_ijk=[box_lps_to_ijk(b, geometry).tolist() for b in parts],
+            extreme_points_lps=(extreme_points_of_cloud(shape, 1.0) if len(shape) else
+                                extreme_points_of_cloud(box_from_points(box), 1.0)).round(3).tolist(),
+            slice_boxes_ijk=_slice_boxes(shape, geometry) if from_mask else None,
+            evidence={"match": round(match, 4), "agreement": round(fused.agreement, 4), "templates_used": n_used,
+                      "inside_fraction": round(frac, 4)},
+            note="SPL needs template label maps; used one box (WPL)" if self.mode == "spl" and not from_mask else None)
 
 
 def _data_extent(image: QueryImage) -> np.ndarray:

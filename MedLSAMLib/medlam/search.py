@@ -29,6 +29,7 @@ from ..geometry import (POINT_NAMES, Geometry, box_from_extreme_points, box_from
                         canonical_geometry, point_axis)
 from ..io import Volume
 from ..preprocess import medlam_intensity, resample
+from ..results import StructureResult
 from ..templates import Template, extreme_points_of_cloud
 from .checkpoint import FRAME
 from .network import MedLAM
@@ -267,21 +268,14 @@ class Localizer:
             whole = np.stack([np.min([b[0] for b in sub_lps], 0), np.max([b[1] for b in sub_lps], 0)])
             whole = np.stack([np.maximum(whole[0], extent[0]), np.minimum(whole[1], extent[1])])
             whole[1] = np.maximum(whole[1], whole[0])
-            entry = {
-                "label": support.labels[s],
-                "present": present,
-                "confidence": round(float(confidence), 4),
-                "box_lps": whole.round(3).tolist(),
-                "box_ijk": box_lps_to_ijk(whole, geom).tolist(),
-                "sub_boxes_lps": [b.round(3).tolist() for b in sub_lps],
-                "sub_boxes_ijk": [box_lps_to_ijk(_clip_to(b, extent), geom).tolist() for b in sub_lps],
-                "extreme_points_lps": _whole_extremes(ref_lps, rows).round(3).tolist(),
-                "similarity": round(similarity, 4),
-                "uam_mss_agreement": round(agree, 4),
-            }
-            if s in support.notes:
-                entry["note"] = support.notes[s]
-            out[s] = entry
+            out[s] = StructureResult(
+                label=support.labels[s], present=present, confidence=round(float(confidence), 4),
+                box_lps=whole.round(3).tolist(), box_ijk=box_lps_to_ijk(whole, geom).tolist(),
+                sub_boxes_lps=[b.round(3).tolist() for b in sub_lps],
+                sub_boxes_ijk=[box_lps_to_ijk(_clip_to(b, extent), geom).tolist() for b in sub_lps],
+                extreme_points_lps=_whole_extremes(ref_lps, rows).round(3).tolist(),
+                evidence={"similarity": round(similarity, 4), "uam_mss_agreement": round(agree, 4)},
+                note=support.notes.get(s))
         return {"structures": out}
 
 

@@ -19,6 +19,7 @@ os.environ["MEDLSAM_CACHE"] = tempfile.mkdtemp(prefix="medlsam-test-cache-")
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MEDLSAM_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "MedLSAM"))  # the Slicer module's MRML layer (MedLSAMMRML) for the slicer-core tests
+sys.path.insert(0, str(REPO / "MedLSAM" / "Testing" / "Python"))  # its test scenarios (not installed in Slicer)
 HN = SHARED / "data" / "openkbp_hn"
 SCHEMA = SHARED / "schemas" / "markups-schema-v1.0.3.json"
 CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]

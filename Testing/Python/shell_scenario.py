@@ -34,10 +34,6 @@ effect.setMRMLDefaults()
 out["effect"] = {"name": adaptor.name, "perSegment": adaptor.perSegment, "requireSegments": adaptor.requireSegments,
                  "help_mentions_apply": "Apply" in effect.helpText(), "defaults": adaptor.defaults,
                  "icon_exists": Path(effect.icon().path).is_file(), "clone_source": Path(effect.clone().source).name}
-try:
-    adaptor.sourceVolumeImageDatas  # a typo of a real member
-except AttributeError as exc:
-    out["effect"]["strict"] = str(exc)
 
 logic = MedLSAM.MedLSAMLogic()
 p = logic.getParameterNode()

@@ -19,15 +19,7 @@ from MedLSAMLib.pipeline import run_cohort  # noqa: E402
 from MedLSAMLib.templates import template_from_labels  # noqa: E402
 
 from conftest import hn_case  # noqa: E402
-from test_segmentation import ThresholdSegmenter  # noqa: E402
-
-
-class SlowThresholdSegmenter(ThresholdSegmenter):
-    """Same masks, but each slice takes a while, so a case is still running when its worker is killed."""
-
-    def embed(self, slices):
-        time.sleep(0.1 * len(slices))
-        return super().embed(slices)
+from segmenters import SlowThresholdSegmenter, ThresholdSegmenter  # noqa: E402
 
 
 def slow_threshold_segmenter(device):  # top level: pickled by reference and imported on the workers
@@ -72,8 +64,8 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         result = {}
-        runner = threading.Thread(target=lambda: result.update(
-            run_cohort_dask(settings, [images[0], bad, *images[1:]], out, client=client, show_progress=False)))
+        runner = threading.Thread(target=lambda: result.update(summary=run_cohort_dask(
+            settings, [images[0], bad, *images[1:]], out, client=client, show_progress=False)))
         runner.start()
         victim = None
         deadline = time.time() + 300
@@ -90,7 +82,7 @@ def test_local_cluster_matches_local_executor_and_survives_a_killed_worker(templ
         assert victim not in client.run(os.getpid).values(), "the killed worker is gone (the nanny started a new one)"
 
     summary = json.loads((out / "summary.json").read_text())
-    assert result["counts"] == summary["counts"] == {"ok": 3, "failed": 1, "resumed": 0}
+    assert result["summary"].counts == summary["counts"] == {"ok": 3, "failed": 1, "resumed": 0}
     assert summary["executor"] == "dask"
     assert [c["case"] for c in summary["cases"]] == ["pt_201_ct", "broken_ct", "pt_202_ct", "pt_203_ct"]
     assert "damaged or ends early" in summary["cases"][1]["error"]  # gzip magic, then junk
@@ -109,5 +101,5 @@ def test_resume_under_dask_skips_complete_cases_without_starting_a_cluster(templ
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     summary = run_cohort_dask(settings, images, tmp_path, resume=True, scheduler="tcp://127.0.0.1:1",  # never contacted
                               show_progress=False)
-    assert summary["counts"] == {"ok": 2, "failed": 0, "resumed": 2}
+    assert summary.counts == {"ok": 2, "failed": 0, "resumed": 2}
     assert all(before[p.name] == p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "summary.json")

@@ -173,8 +173,8 @@ def test_known_smooth_deformation_is_recovered_within_2_mm(templates):
     errors = {}
     for value, name in CORE5:
         truth = box_from_points(to_warped(mask_cloud(labels, value)))
-        found = np.array(result["structures"][name]["box_lps"])
-        global_only = np.array(result["stages"][name]["global"])
+        found = np.array(result.structures[name].box_lps)
+        global_only = np.array(result.stages[name]["global"])
         errors[name] = (np.abs(found - truth).max(), np.abs(global_only - truth).max())
     # every face of every structure within 2 mm; the local stage is what gets it there
     assert max(e[0] for e in errors.values()) <= 2.0, errors
@@ -191,7 +191,7 @@ def test_the_shape_prior_follows_a_known_deformation_and_needs_no_encoder(templa
     warped, _ = smooth_warp(ct, labels)
     truth = smooth_warp.labels.array
     result = HybridLocalizer([templates[0]], cache_dir=None).localize(warped, priors=True)
-    assert set(result["priors"]) == {name for _, name in CORE5}
+    assert set(result.priors) == {name for _, name in CORE5}
 
     class NoEncoder:
         device = "cpu"
@@ -199,7 +199,7 @@ def test_the_shape_prior_follows_a_known_deformation_and_needs_no_encoder(templa
         def embed(self, slices):
             raise AssertionError("the encoder was called")
 
-    requests = [StructureRequest(name, value, result["structures"][name]["slice_boxes_ijk"], prior=result["priors"][name])
+    requests = [StructureRequest(name, value, result.structures[name].slice_boxes_ijk, prior=result.priors[name])
                 for value, name in CORE5]
     out, _, timing = segment_volume(warped, requests, NoEncoder(), SegmentOptions(prior_weight=1.0))
     assert timing["slices"] == 0
@@ -223,11 +223,11 @@ def test_a_template_of_another_body_region_does_not_vote(templates, tmp_path):
     query = read_ct(hn_case("validation-pats/pt_222")[0])
     both = HybridLocalizer(templates, cache_dir=None).localize(query)
     mixed = HybridLocalizer([*templates, tmp_path / "abdomen"], cache_dir=None).localize(query, keep_stages=True)
-    stages = mixed["stages"]["Brainstem"]
+    stages = mixed.stages["Brainstem"]
     assert "abdomen" not in stages["templates_used"] and len(stages["templates_used"]) == 2, stages
     for _, name in CORE5:
-        assert mixed["structures"][name]["templates_used"] == both["structures"][name]["templates_used"]
-        assert np.allclose(mixed["structures"][name]["box_lps"], both["structures"][name]["box_lps"], atol=0.5)
+        assert mixed.structures[name].evidence["templates_used"] == both.structures[name].evidence["templates_used"]
+        assert np.allclose(mixed.structures[name].box_lps, both.structures[name].box_lps, atol=0.5)
 
 
 def test_prepared_templates_are_cached_and_a_changed_markups_file_invalidates_them(templates, tmp_path):
@@ -267,21 +267,21 @@ def test_a_structure_cropped_out_of_the_field_of_view_is_absent(five_templates):
                                   [0, 0, cut])
     cropped = from_sitk(image, "cropped")
     result = HybridLocalizer(five_templates, cache_dir=None).localize(cropped)
-    assert result["structures"]["Brainstem"]["present"] is False
-    assert result["structures"]["Brainstem"]["confidence"] == 0.0
-    assert result["structures"]["SpinalCord"]["present"] is True
+    assert result.structures["Brainstem"].present is False
+    assert result.structures["Brainstem"].confidence == 0.0
+    assert result.structures["SpinalCord"].present is True
 
 
 def test_spl_gives_sub_boxes_and_slice_boxes_inside_the_structure_box(templates):
     result = LocalizerSpec("hybrid", "spl", device="cpu", cache_dir=None).build(templates).localize(
         hn_case("validation-pats/pt_202")[0])
-    entry = result["structures"]["SpinalCord"]
-    assert len(entry["sub_boxes_ijk"]) > 1
-    box = np.array(entry["box_ijk"])
-    for sub in entry["sub_boxes_ijk"] + entry["slice_boxes_ijk"]:
+    entry = result.structures["SpinalCord"]
+    assert len(entry.sub_boxes_ijk) > 1
+    box = np.array(entry.box_ijk)
+    for sub in entry.sub_boxes_ijk + entry.slice_boxes_ijk:
         sub = np.array(sub)
         assert np.all(sub[0] >= box[0] - 1) and np.all(sub[1] <= box[1] + 1)
-    slices = [s[0][2] for s in entry["slice_boxes_ijk"]]
+    slices = [s[0][2] for s in entry.slice_boxes_ijk]
     assert slices == sorted(set(slices))  # one box per axial slice
 
 

@@ -55,7 +55,7 @@ def test_shift_of_the_template_itself_is_recovered(wpl):
     res = wpl.localize(shifted(ct, d))
     errors, moved = [], []
     for name, s in template.structures.items():
-        found = np.array(res["structures"][name]["extreme_points_lps"])
+        found = np.array(res.structures[name].extreme_points_lps)
         expected = s.points + shift_lps
         moved.append(found - s.points)
         for n, pname in enumerate(POINT_NAMES):
@@ -74,22 +74,22 @@ def test_result_format_and_geometry(wpl):
     ct_path, _ = hn_case("validation-pats/pt_201")
     ct = read_ct(ct_path)
     res = wpl.localize(ct)
-    assert res["image"] == str(ct_path)
-    assert set(res["timing_s"]) >= {"preprocess", "total_query"}
-    for name, r in res["structures"].items():
-        assert isinstance(r["present"], bool) and 0.0 <= r["confidence"] <= 1.0
-        (i0, j0, k0), (i1, j1, k1) = r["box_ijk"]
+    assert res.image == str(ct_path)
+    assert set(res.timing_s) >= {"preprocess", "total_query"}
+    for name, r in res.structures.items():
+        assert isinstance(r.present, bool) and 0.0 <= r.confidence <= 1.0
+        (i0, j0, k0), (i1, j1, k1) = r.box_ijk
         assert all(isinstance(v, int) for v in (i0, j0, k0, i1, j1, k1))
         assert 0 <= i0 <= i1 < ct.geometry.size[0] and 0 <= k0 <= k1 < ct.geometry.size[2]
-        assert r["box_ijk"] == box_lps_to_ijk(np.array(r["box_lps"]), ct.geometry).tolist()
-        assert len(r["extreme_points_lps"]) == 6 and len(r["sub_boxes_ijk"]) == 1
+        assert r.box_ijk == box_lps_to_ijk(np.array(r.box_lps), ct.geometry).tolist()
+        assert len(r.extreme_points_lps) == 6 and len(r.sub_boxes_ijk) == 1
 
 
 def test_spl_gives_stacked_sub_boxes(pt1_template):
     loc = TemplateLocalizer([pt1_template], mode="spl", device="cpu", structures=["SpinalCord"])
     assert loc.support.parts["SpinalCord"] == 6  # 180 mm cord, 6 mm parts, capped at 6
     res = loc.localize(hn_case("validation-pats/pt_202")[0])
-    subs = np.array(res["structures"]["SpinalCord"]["sub_boxes_lps"])
+    subs = np.array(res.structures["SpinalCord"].sub_boxes_lps)
     assert subs.shape == (6, 2, 3)
     # parts are ordered from inferior to superior (LPS z grows with the part index)
     centres = subs[:, :, 2].mean(1)
@@ -106,8 +106,8 @@ def test_structure_outside_field_of_view_is_absent(wpl):
     geom = Geometry(ct.geometry.origin, ct.geometry.spacing, ct.geometry.direction,
                     (ct.geometry.size[0], ct.geometry.size[1], arr.shape[0]))
     res = wpl.localize(Volume(np.ascontiguousarray(arr), geom, "head_top"))
-    assert res["structures"]["Mandible"]["present"] is False
-    assert res["structures"]["Mandible"]["confidence"] == 0.0
+    assert res.structures["Mandible"].present is False
+    assert res.structures["Mandible"].confidence == 0.0
 
 
 def test_air_only_image_is_rejected(wpl):

@@ -12,7 +12,7 @@ from MedLSAMLib.templates import template_from_labels
 from MedLSAMLib.errors import InputError
 
 from conftest import hn_case
-from test_segmentation import ThresholdSegmenter
+from segmenters import ThresholdSegmenter
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def test_batch_with_a_corrupt_file_finishes_the_others_then_resumes(cohort, tmp_
     bad.write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "out"
     summary = run_cohort(cohort, [good[0], bad, good[1]], out, show_progress=False)
-    assert summary["counts"] == {"ok": 2, "failed": 1, "resumed": 0}
-    failed = [c for c in summary["cases"] if c["status"] == "failed"][0]
-    assert failed["case"] == "broken_ct" and "damaged or ends early" in failed["error"]
+    assert summary.counts == {"ok": 2, "failed": 1, "resumed": 0}
+    failed = [c for c in summary.cases if c.status == "failed"][0]
+    assert failed.case == "broken_ct" and "damaged or ends early" in failed.error
     assert json.loads((out / "summary.json").read_text())["counts"]["failed"] == 1
     assert not any(p.name.startswith(".") for p in out.iterdir()), "no temporary files left"
 
@@ -53,8 +53,8 @@ def test_batch_with_a_corrupt_file_finishes_the_others_then_resumes(cohort, tmp_
     # resume: finished cases are kept untouched and reported as recorded; the broken one is tried again
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = run_cohort(cohort, [good[0], bad, good[1]], out, resume=True, show_progress=False)
-    assert again["counts"] == {"ok": 2, "failed": 1, "resumed": 2}
-    assert [c["structures"] for c in again["cases"]] == [c["structures"] for c in summary["cases"]]
+    assert again.counts == {"ok": 2, "failed": 1, "resumed": 2}
+    assert [c.structures for c in again.cases] == [c.structures for c in summary.cases]
     assert all(before[p.name] == p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.json")
 
 
@@ -65,7 +65,7 @@ def test_incomplete_case_is_redone_on_resume(cohort, tmp_path):
     (out / "pt_201_ct.seg.nrrd").unlink()  # as if the run died between two writes
     assert not is_complete(out, "pt_201_ct")
     summary = run_cohort(cohort, [ct], out, resume=True, show_progress=False)
-    assert summary["counts"]["ok"] == 1 and is_complete(out, "pt_201_ct")
+    assert summary.counts["ok"] == 1 and is_complete(out, "pt_201_ct")
 
 
 def test_cohort_listing(tmp_path):
@@ -107,8 +107,8 @@ def test_a_truncated_ct_is_refused_in_read_localize_and_a_batch(cohort, tmp_path
 
     out = tmp_path / "out"
     summary = run_cohort(cohort, [gz, hn_case("validation-pats/pt_202")[0]], out, show_progress=False)
-    assert summary["counts"] == {"ok": 1, "failed": 1, "resumed": 0}
-    assert "ends early" in summary["cases"][0]["error"] and not (out / "cut_ct_labels.nii.gz").exists()
+    assert summary.counts == {"ok": 1, "failed": 1, "resumed": 0}
+    assert "ends early" in summary.cases[0].error and not (out / "cut_ct_labels.nii.gz").exists()
 
 
 def test_out_naming_a_file_and_an_empty_images_dir_get_one_line_errors(tmp_path):
@@ -146,7 +146,7 @@ def test_a_dicom_series_missing_a_slice_is_refused_in_localize_and_fails_only_it
 
     out = tmp_path / "out"
     summary = run_cohort(cohort, [series, hn_case("validation-pats/pt_202")[0]], out, show_progress=False)
-    assert [c["status"] for c in summary["cases"]] == ["failed", "ok"]
-    assert "missing slice" in summary["cases"][0]["error"]
+    assert [c.status for c in summary.cases] == ["failed", "ok"]
+    assert "missing slice" in summary.cases[0].error
     assert sorted(p.name for p in out.iterdir()) == ["pt_202_ct.json", "pt_202_ct.seg.nrrd", "pt_202_ct_labels.nii.gz",
                                                      "summary.json"]

@@ -12,26 +12,9 @@ from MedLSAMLib.segment.backends import SAMViTB, LiteMedSAM, load_segmenter, mod
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
 from conftest import hn_case, phantom
+from segmenters import ThresholdSegmenter
 
 torch.set_num_threads(2)
-
-
-class ThresholdSegmenter:
-    """A fast, exact stand-in for SAM: foreground = bright pixels inside the box (for geometry tests)."""
-
-    name = "threshold"
-
-    def embed(self, slices):
-        return [torch.as_tensor(np.asarray(sl), dtype=torch.float32) for sl in slices]
-
-    def decode(self, embedding, boxes, shape):
-        out = torch.zeros((len(boxes), *shape))
-        for n, (x0, y0, x1, y1) in enumerate(boxes):
-            out[n, y0:y1 + 1, x0:x1 + 1] = (embedding[y0:y1 + 1, x0:x1 + 1] > 128).float()
-        return out
-
-    def describe(self):
-        return {"name": self.name}
 
 
 def test_model_frame_boxes():

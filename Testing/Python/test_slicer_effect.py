@@ -10,7 +10,7 @@ from MedLSAMLib.io import read_ct
 from MedLSAMLib.templates import template_from_labels
 
 from conftest import OBLIQUE, hn_case, phantom
-from test_segmentation import ThresholdSegmenter
+from segmenters import ThresholdSegmenter
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 import vtk  # noqa: E402
@@ -91,9 +91,9 @@ def test_localize_box_roi_for_a_template_structure(scene, tmp_path):
     core = MedLSAMCore(scene)
     settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"))
     roi, entry = effect.box_roi_for_structure(core, settings, node, "Mandible")
-    assert roi.IsA("vtkMRMLMarkupsROINode") and entry["present"]
+    assert roi.IsA("vtkMRMLMarkupsROINode") and entry.present
     lo, hi = (np.array(b) for b in effect.ijk_box_from_roi(roi, node))
-    want_lo, want_hi = (np.array(b) for b in entry["box_ijk"])
+    want_lo, want_hi = (np.array(b) for b in entry.box_ijk)
     assert np.all(np.abs(lo - want_lo) <= 1) and np.all(np.abs(hi - want_hi) <= 1)  # rounding at voxel faces
     with pytest.raises(InputError, match="no structure 'Liver'"):
         effect.box_roi_for_structure(core, settings, node, "Liver")

@@ -20,17 +20,24 @@ def scene():
     return scene, logic
 
 
+def read_with_slicer(scene, node_class: str, storage_class: str, path):
+    """A file read into a new node of ``scene`` by Slicer's own storage node, as File > Add Data does."""
+    node = getattr(slicer, node_class)()
+    scene.AddNode(node)
+    storage = getattr(slicer, storage_class)()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1, f"Slicer could not read {path}"
+    return node
+
+
 def test_markups_written_by_medlsam_load_in_mrml(scene, tmp_path):
     scene, _ = scene
     ct, labels = hn_case("train-pats/pt_1")
     template_from_labels(ct, labels, [(1, "Brainstem")], tmp_path)
     points = load_template(tmp_path).structures["Brainstem"].points
-    node = slicer.vtkMRMLMarkupsFiducialNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(tmp_path / "Brainstem.mrk.json"))
-    assert storage.ReadData(node) == 1
+    node = read_with_slicer(scene, "vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsJsonStorageNode",
+                            tmp_path / "Brainstem.mrk.json")
     assert [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())] == [
         "superior", "inferior", "right", "left", "anterior", "posterior"]
     for i in range(6):
@@ -49,12 +56,7 @@ def test_segmentation_written_by_medlsam_loads_in_mrml(scene, tmp_path):
     labels = Volume(ball, geom, "labels")
     write_segmentation(labels, [{"name": "Ball", "label": 3, "color": (0.9, 0.2, 0.1)},
                                 {"name": "Block", "label": 7, "color": (0.1, 0.2, 0.9)}], tmp_path / "c.seg.nrrd")
-    node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(tmp_path / "c.seg.nrrd"))
-    assert storage.ReadData(node) == 1
+    node = read_with_slicer(scene, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", tmp_path / "c.seg.nrrd")
     seg = node.GetSegmentation()
     assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["Ball", "Block"]
     assert np.allclose(seg.GetNthSegment(0).GetColor(), (0.9, 0.2, 0.1), atol=1e-5)
@@ -83,7 +85,7 @@ def test_seg_nrrd_of_a_head_and_neck_template_carries_terminology_slicer_reads(s
     from MedLSAMLib.pipeline import CohortSegmenter
     from MedLSAMLib.terminology import to_slicer_string
 
-    from test_segmentation import ThresholdSegmenter
+    from segmenters import ThresholdSegmenter
 
     scene, _ = scene
     ct, labels = hn_case("train-pats/pt_1")
@@ -101,12 +103,7 @@ def test_seg_nrrd_of_a_head_and_neck_template_carries_terminology_slicer_reads(s
     assert by_slicerio["LeftParotid"]["typeModifier"] == ["SCT", "7771000", "Left"]
     assert by_slicerio["Brainstem"]["type"] == ["SCT", "15926001", "Brainstem"]
 
-    node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node) == 1
+    node = read_with_slicer(scene, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", path)
     seg = node.GetSegmentation()
     read = {seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i).GetTerminology()
             for i in range(seg.GetNumberOfSegments())}

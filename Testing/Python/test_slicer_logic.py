@@ -14,7 +14,7 @@ from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.templates import template_from_labels
 
 from conftest import OBLIQUE, hn_case, phantom
-from test_segmentation import ThresholdSegmenter
+from segmenters import SlowThresholdSegmenter, ThresholdSegmenter
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 import vtk  # noqa: E402
@@ -64,12 +64,12 @@ def test_process_cohort_matches_cli_outputs_and_cancel_keeps_finished(scene, tmp
     settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"))
     results = core.process_cohort(volume_nodes, settings, segmenter=ThresholdSegmenter(),
                                   progress_callback=lambda i, n, s: seen.append((i, n)))
-    assert [r["status"] for r in results] == ["ok", "ok"] and seen[-1] == (2, 2)
+    assert [r.status for r in results] == ["ok", "ok"] and seen[-1] == (2, 2)
 
     # the same inputs through the command-line pipeline
     cli = run_cohort(CohortSegmenter(core.localizer(settings), ThresholdSegmenter()),
                      queries, tmp_path / "out", show_progress=False)
-    assert cli["counts"]["ok"] == 2
+    assert cli.counts["ok"] == 2
     for node, q in zip(volume_nodes, queries):
         seg = scene.GetFirstNodeByName(node.GetName() + " MedLSAM")
         assert seg is not None
@@ -82,15 +82,7 @@ def test_process_cohort_matches_cli_outputs_and_cancel_keeps_finished(scene, tmp
     cancel = threading.Event()
     results = core.process_cohort(volume_nodes, settings, segmenter=ThresholdSegmenter(), cancel_event=cancel,
                                   progress_callback=lambda i, n, s: cancel.set() if i == 1 else None)
-    assert [r["status"] for r in results] == ["ok", "cancelled"]
-
-
-class SlowThresholdSegmenter(ThresholdSegmenter):
-    def embed(self, slices):
-        import time
-
-        time.sleep(0.02 * len(slices))
-        return super().embed(slices)
+    assert [r.status for r in results] == ["ok", "cancelled"]
 
 
 def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_cancels_mid_case(scene, tmp_path):
@@ -110,7 +102,7 @@ def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_canc
     settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"),
                            options=SegmentOptions(prior_weight=0.0, slice_step=1))
     run = CohortRun(core, [volume_nodes[0], bad, volume_nodes[1], volume_nodes[2]], settings,
-                    segmenter=SlowThresholdSegmenter())
+                    segmenter=SlowThresholdSegmenter(0.02))
     polls = 0
     while run.poll():
         polls += 1
@@ -118,18 +110,18 @@ def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_canc
             run.cancel()
         run.wait(0.02)
     assert polls > 10, "poll() returns at once while the worker computes"
-    assert [r["status"] for r in run.results] == ["ok", "failed", "ok", "cancelled"]
-    assert "no image data" in run.results[1]["error"]
+    assert [r.status for r in run.results] == ["ok", "failed", "ok", "cancelled"]
+    assert "no image data" in run.results[1].error
     assert writers and all(t is threading.main_thread() for t in writers)
     assert scene.GetFirstNodeByName("pt_203_ct MedLSAM") is None  # the cancelled case left nothing behind
     for r in run.results[::2]:
-        assert set(r["structures"]) == {"Mandible"} and r["seconds"] > 0
-        assert isinstance(r["review"], list)
+        assert set(r.structures) == {"Mandible"} and r.seconds > 0
+        assert r.review == [n for n, st in r.structures.items() if not st.present or st.confidence < 0.3 or not st.voxels]
 
 
 def test_self_test_scenario_passes_on_real_mrml(scene, tmp_path):
     """The scenario MedLSAMTest runs inside Slicer, here on slicer-core with the fast test segmenter."""
-    from MedLSAMMRML.scenarios import build_template_and_cohort, check_cohort_results
+    from medlsam_scenarios import build_template_and_cohort, check_cohort_results
 
     scenario = build_template_and_cohort(scene, tmp_path, cases=2)
     assert len(scenario["volumes"]) == 2 and scenario["structures"] == ["right lung", "left lung"]
@@ -170,8 +162,8 @@ def test_a_volume_loaded_from_a_truncated_nifti_fails_its_case_only(scene, tmp_p
     results = MedLSAMCore(scene).process_cohort([cut_node, whole_node],
                                                 RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu")),
                                                 segmenter=ThresholdSegmenter())
-    assert [r["status"] for r in results] == ["failed", "ok"]
-    assert results[0]["error"].startswith(f"cut: loaded from {cut}: the image data ends early")
+    assert [r.status for r in results] == ["failed", "ok"]
+    assert results[0].error.startswith(f"cut: loaded from {cut}: the image data ends early")
 
 
 class _DicomDatabase:
@@ -217,5 +209,5 @@ def test_a_volume_loaded_from_a_dicom_series_missing_a_slice_fails_its_case_only
     results = MedLSAMCore(scene).process_cohort([nodes_by_series["gap"], nodes_by_series["whole"]],
                                                 RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu")),
                                                 segmenter=ThresholdSegmenter())
-    assert [r["status"] for r in results] == ["failed", "ok"]
-    assert results[0]["error"].startswith("gap series (DICOM): DICOM series with a missing slice")
+    assert [r.status for r in results] == ["failed", "ok"]
+    assert results[0].error.startswith("gap series (DICOM): DICOM series with a missing slice")
