@@ -325,10 +325,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.dependenciesInstalled():
                 if not self.onInstallDependencies():
                     return
-            p = self._parameterNode
-            settings = self.logic.runSettings(
-                self.templateFolders(), localizer=p.localizer, mode=p.mode, device=p.device, segmenterName=p.segmenter,
-                checkpoint=str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None)
+            settings = self.logic.settingsFromParameters(self.templateFolders(), self._parameterNode)
             self._run = self.logic.startCohort(self.targetVolumes(), settings, progressCallback=self.onProgress)
             self.ui.resultsTable.setRowCount(0)
             self.ui.applyButton.enabled = False
@@ -486,6 +483,23 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
 
         return RunSettings(tuple(str(t) for t in templates), LocalizerSpec(localizer, mode, device=device),
                            SegmenterSpec(segmenterName, str(checkpoint) if checkpoint else None))
+
+    def settingsFromParameters(self, templates, parameterNode=None):
+        """The run configuration of the panel's choices (its parameter node) for ``templates``: the
+        panel's cohort run and the Segment Editor effect both build from it."""
+        from MedLSAMLib.localizers import LocalizerSpec
+        from MedLSAMLib.settings import RunSettings
+
+        p = parameterNode or self.getParameterNode()
+        return RunSettings(tuple(str(t) for t in templates), LocalizerSpec(p.localizer, p.mode, device=p.device),
+                           self.segmenterFromParameters(p))
+
+    def segmenterFromParameters(self, parameterNode=None):
+        """The panel's segmenter choice (a SegmenterSpec); the effect also uses it without templates."""
+        from MedLSAMLib.settings import SegmenterSpec
+
+        p = parameterNode or self.getParameterNode()
+        return SegmenterSpec(p.segmenter, str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None)
 
     def localize(self, settings, volumeNode):
         """Boxes for every template structure in ``volumeNode`` (the boxes.json content)."""

@@ -15,9 +15,6 @@ import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 PREVIEW_NODE_NAME = "MedLSAM preview"
-# MedLSAMLib.localizers.KINDS, spelled out so that the effect loads before dependencies are installed
-# (a test checks that the two agree).
-LOCALIZERS = ("auto", "hybrid", "medlam", "registration")
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -48,10 +45,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return ("<html>Segment the selected segment with MedLSAM.<br>"
                 "<b>Localize</b>: the templates propose a 3D box for the structure named like the selected "
-                "segment (drag the box to adjust); <b>Localizer</b> auto is the most accurate on our "
-                "benchmark (hybrid template alignment).<br><b>Segment slice</b> / <b>Segment range</b>: SAM on "
-                "each slice inside the box, shown as a preview (the segmenter and device chosen in the MedLSAM "
-                "module's panel).<br><b>Apply</b> writes the preview into the "
+                "segment (drag the box to adjust).<br><b>Segment slice</b> / <b>Segment range</b>: SAM on "
+                "each slice inside the box, shown as a preview.<br>The localizer, segmenter and device are "
+                "those chosen in the MedLSAM module's panel.<br><b>Apply</b> writes the preview into the "
                 "segment (undo with Ctrl+Z); <b>Cancel</b> discards it.</html>")
 
     # -- options panel ----------------------------------------------------------------------
@@ -60,12 +56,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.templateFolderEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.templateFolderEdit.toolTip = "template folder (template.json) with a structure named like the segment"
         self.scriptedEffect.addLabeledOptionsWidget("Template:", self.templateFolderEdit)
-
-        self.localizerComboBox = qt.QComboBox()
-        self.localizerComboBox.addItems(list(LOCALIZERS))
-        self.localizerComboBox.toolTip = ("auto: the most accurate on our benchmark (hybrid); hybrid: template "
-                                          "alignment; medlam: the MedLAM network; registration: affine atlas")
-        self.scriptedEffect.addLabeledOptionsWidget("Localizer:", self.localizerComboBox)
 
         self.localizeButton = qt.QPushButton("Localize")
         self.localizeButton.toolTip = "Propose a box for the selected segment's structure from the template"
@@ -112,7 +102,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _connections(self):
         """(widget, signal, slot) of every Qt connection, so cleanup() undoes exactly these."""
         return [(self.templateFolderEdit, "currentPathChanged(QString)", self.updateMRMLFromGUI),
-                (self.localizerComboBox, "currentIndexChanged(int)", self.updateMRMLFromGUI),
                 (self.localizeButton, "clicked()", self.onLocalize),
                 (self.segmentSliceButton, "clicked()", self.onSegmentSlice),
                 (self.segmentRangeButton, "clicked()", self.onSegmentRange),
@@ -128,43 +117,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("TemplateFolder", "")
-        self.scriptedEffect.setParameterDefault("Localizer", "auto")
 
     def updateGUIFromMRML(self):
         wasBlocked = self.templateFolderEdit.blockSignals(True)
         self.templateFolderEdit.currentPath = self.scriptedEffect.parameter("TemplateFolder")
         self.templateFolderEdit.blockSignals(wasBlocked)
-        wasBlocked = self.localizerComboBox.blockSignals(True)
-        self.localizerComboBox.currentIndex = max(0, self.localizerComboBox.findText(self._localizerName()))
-        self.localizerComboBox.blockSignals(wasBlocked)
 
     def updateMRMLFromGUI(self, *args):
         self.scriptedEffect.setParameter("TemplateFolder", self.templateFolderEdit.currentPath)
-        self.scriptedEffect.setParameter("Localizer", self.localizerComboBox.currentText)
 
-    def _localizerName(self):
-        name = self.scriptedEffect.parameter("Localizer")
-        return name if name in LOCALIZERS else "auto"
-
-    @staticmethod
-    def _panelParameters():
+    def panelSettings(self, templates):
+        """The MedLSAM panel's run configuration (localizer, segmenter, device) for ``templates``:
+        one configuration for the panel and the effect."""
         from MedLSAM import MedLSAMLogic
 
-        return MedLSAMLogic().getParameterNode()
-
-    def _panelDevice(self):
-        """The device chosen in the MedLSAM panel (one configuration for the panel and the effect)."""
-        from MedLSAMLib.device import resolve_device
-
-        return str(resolve_device(self._panelParameters().device))
+        return MedLSAMLogic().settingsFromParameters(templates)
 
     def _panelSegmenter(self):
-        """The MedLSAM panel's segmenter, its checkpoint and device: (SegmenterSpec, device name)."""
-        from MedLSAMLib.settings import SegmenterSpec
+        """The panel's segmenter (a SegmenterSpec) and the device it runs on (a box can be segmented
+        without templates)."""
+        from MedLSAM import MedLSAMLogic
+        from MedLSAMLib.device import resolve_device
 
-        p = self._panelParameters()
-        checkpoint = str(p.segmenterCheckpoint) if p.segmenter != "litemedsam" else None
-        return SegmenterSpec(p.segmenter, checkpoint), self._panelDevice()
+        logic = MedLSAMLogic()
+        return logic.segmenterFromParameters(), str(resolve_device(logic.getParameterNode().device))
 
     def deactivate(self):
         if self._job is not None:
@@ -225,8 +201,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onLocalize(self):
         from MedLSAMLib.errors import InputError
-        from MedLSAMLib.localizers import LocalizerSpec
-        from MedLSAMLib.settings import RunSettings
         from MedLSAMMRML import effect
         from MedLSAMMRML.nodes import volume_from_node
 
@@ -238,9 +212,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 raise InputError("Choose the template folder.")
             volume = volume_from_node(volumeNode)  # MRML read on the main thread
             core = self.core
-            localizerName = self._localizerName()
-
-            settings = RunSettings((folder,), LocalizerSpec(localizerName, device=self._panelDevice()))
+            settings = self.panelSettings((folder,))
 
             def localize(report):
                 return core.localizer(settings).localize(volume)

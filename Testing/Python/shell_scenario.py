@@ -44,14 +44,21 @@ try:
     p.mode = "xyz"
 except ValueError as exc:
     out["bad_mode"] = str(exc)
-# the effect segments with the panel's segmenter and device (one configuration for both)
+# the effect localizes and segments with the panel's localizer, segmenter and device (one configuration)
+import typing  # noqa: E402
+
+out["localizer_choices"] = typing.get_type_hints(MedLSAM.MedLSAMParameterNode, include_extras=True)[
+    "localizer"].__metadata__[0].choices
 p.device = "cpu"
 spec, device = effect._panelSegmenter()
 out["effect_segmenter"] = [[spec.name, spec.checkpoint, device]]
 p.segmenter, p.segmenterCheckpoint = "sam-vit-b", Path("/weights/sam_vit_b.pth")
 spec, device = effect._panelSegmenter()
 out["effect_segmenter"].append([spec.name, spec.checkpoint, device])
-p.segmenter, p.device = "litemedsam", "auto"
+p.localizer, p.mode = "registration", "spl"
+localizer = effect.panelSettings(("/templates/a",)).localizer
+out["effect_localizer"] = [localizer.kind, localizer.mode, localizer.device]
+p.segmenter, p.device, p.localizer, p.mode = "litemedsam", "auto", "auto", "wpl"
 volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "template ct")
 p.templateVolume = volume
 out["template_volumes"] = [n.GetName() for n in logic.templateVolumeNodes()]

@@ -298,19 +298,3 @@ def test_cli_localizer_choice_and_option_errors(templates, tmp_path):
                        encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["medlsam: error: --medlam-checkpoint is for --localizer medlam, not hybrid"]
-
-
-def test_every_front_end_offers_the_same_localizer_choices():
-    import ast
-    from pathlib import Path
-
-    from MedLSAMLib.localizers import KINDS
-
-    repo = Path(__file__).resolve().parents[2]
-    effect = ast.parse((repo / "MedLSAM" / "SegmentEditorMedLSAMLib" / "SegmentEditorEffect.py").read_text())
-    consts = {t.id: ast.literal_eval(n.value) for n in effect.body if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Name) and t.id == "LOCALIZERS"}
-    assert tuple(consts["LOCALIZERS"]) == KINDS
-    module = (repo / "MedLSAM" / "MedLSAM.py").read_text()  # the panel takes the core's list itself
-    assert "from MedLSAMLib.localizers import KINDS as LOCALIZER_KINDS" in module
-    assert "localizer: Annotated[str, Choice(list(LOCALIZER_KINDS))]" in module

@@ -30,12 +30,12 @@ def test_module_metadata_and_effect_registration(shell):
     assert shell["startup_connections"] == [["startupCompleted()", "registerEditorEffect"]]
     e = shell["effect"]
     assert (e["name"], e["perSegment"], e["requireSegments"]) == ("MedLSAM", False, True)
-    assert e["defaults"] == {"TemplateFolder": "", "Localizer": "auto"} and e["help_mentions_apply"] and e["icon_exists"]
+    assert e["defaults"] == {"TemplateFolder": ""} and e["help_mentions_apply"] and e["icon_exists"]
     assert e["clone_source"] == "SegmentEditorEffect.py"
 
 
 def test_logic_parameters_and_template_structures(shell):
-    from MedLSAMLib.localizers import LocalizerSpec
+    from MedLSAMLib.localizers import KINDS, LocalizerSpec
 
     # the panel's defaults are the command line's (one definition, in the core's specs)
     spec = LocalizerSpec()
@@ -43,6 +43,8 @@ def test_logic_parameters_and_template_structures(shell):
                                  "device": spec.device}
     assert shell["mode_persisted"] == "wpl" and "not one of" in shell["bad_mode"]
     assert shell["effect_segmenter"] == [["litemedsam", None, "cpu"], ["sam-vit-b", "/weights/sam_vit_b.pth", "cpu"]]
+    assert shell["effect_localizer"] == ["registration", "spl", "cpu"]  # the panel's, not a choice of its own
+    assert tuple(shell["localizer_choices"]) == KINDS
     assert shell["template_volumes"] == ["template ct"]
     assert shell["structures"] == ["Brainstem", "Mandible"]
     assert (shell["progress"], shell["next_point"]) == ("0/6 placed", "superior")
