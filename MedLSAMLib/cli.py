@@ -10,7 +10,7 @@ import sys
 
 from . import __version__
 from .errors import USER_ERRORS, InputError
-from .segment import SEGMENTERS
+from .segment import RUNTIMES, SEGMENTERS
 
 EXIT_USER_ERROR = 2
 
@@ -244,7 +244,7 @@ def _add_segment_command(sub) -> None:
     p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running scheduler, e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, metavar="N",
                    help="with --executor dask and no --scheduler: a local cluster of N worker processes (default 1)")
-    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+    p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                    help="image encoder runtime: auto (default) = ONNX Runtime for LiteMedSAM on CPU, else torch")
     p.add_argument("--slice-step", type=int, default=SegmentOptions.slice_step, metavar="K",
                    help=f"encode every K-th slice of a structure (and its first, middle and last) and interpolate "

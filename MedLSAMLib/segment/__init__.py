@@ -2,3 +2,5 @@
 and the volume loop. This file stays light (no torch) so that front ends can read the choices."""
 
 SEGMENTERS = ("litemedsam", "sam-vit-b", "medsam-vit-b")
+#: Image-encoder runtimes (segment/runtimes.py): auto = ONNX Runtime for LiteMedSAM on CPU, else torch.
+RUNTIMES = ("auto", "torch", "onnxruntime")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from . import RUNTIMES  # defined in the light package file, so that front ends read it without torch
 
-RUNTIMES = ("auto", "torch", "onnxruntime")
 CACHE_FORMAT = 1
 
 
