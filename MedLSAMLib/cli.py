@@ -166,19 +166,16 @@ def _add_localize_command(sub) -> None:
 
 
 def _cmd_localize(args) -> int:
-    import json
-
-    from .io import write_text_atomic
     from .device import set_cpu_threads
-
-    from .io import read_ct
+    from .io import read_ct, write_text_atomic
+    from .results import json_text
 
     _deprecated_checkpoint(args, "--medlam-checkpoint", "medlam_checkpoint")
     set_cpu_threads()
     image = read_ct(args.image)  # a bad image fails before any template work
     loc = _localizer_spec(args).build(args.template)
     result = loc.localize(image)
-    write_text_atomic(args.out, json.dumps(result.to_json(), indent=1) + "\n")
+    write_text_atomic(args.out, json_text(result.to_json()))
     print(f"{'structure':<16} {'present':>7} {'conf':>5}  box_ijk")
     for name, r in result.structures.items():
         flag = "  <- review" if r.needs_review() else ""

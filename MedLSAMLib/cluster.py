@@ -4,7 +4,7 @@ The client computes the templates' support features once and ships them, with a
 :class:`~MedLSAMLib.settings.RunSettings`, inside a worker plugin; every worker (and every worker that replaces a
 dead one) builds its :class:`~MedLSAMLib.pipeline.CohortSegmenter` from them when it joins.
 A task is one case: it writes that case's outputs atomically into the shared output folder and
-returns its :class:`~MedLSAMLib.pipeline.CaseResult`. The scheduler re-runs a task whose worker
+returns its :class:`~MedLSAMLib.results.CaseResult`. The scheduler re-runs a task whose worker
 died (up to ``distributed.scheduler.allowed-failures`` times); a case that still cannot finish
 is recorded as failed, like any other failure, and the batch goes on.
 

@@ -24,7 +24,7 @@ from .errors import USER_ERRORS, InputError
 from .io import (Volume, case_name, read_ct, remove_stale_temporaries, write_segmentation, write_text_atomic,
                  write_volume)
 from .preprocess import SAM_WINDOW
-from .results import BatchSummary, CaseRecord, CaseResult, Segmented
+from .results import BatchSummary, CaseRecord, CaseResult, Segmented, json_text
 from .segment.slices import SegmentOptions, StructureRequest, segment_volume
 
 
@@ -141,7 +141,7 @@ class CohortSegmenter:
         record.timing_s["read"] = round(t_read - t0, 3)
         record.timing_s["total"] = round(time.perf_counter() - t0, 3)  # read + localize + segment + write
         record.case, record.status, record.outputs = case, "ok", {k: p.name for k, p in paths.items()}
-        write_text_atomic(paths["json"], json.dumps(record.to_json(), indent=1) + "\n")  # last: marks the case complete
+        write_text_atomic(paths["json"], json_text(record.to_json()))  # last: marks the case complete
         return CaseResult(case, str(image_path), "ok", time.perf_counter() - t0, structures=record.summaries())
 
 
@@ -202,7 +202,7 @@ def prepare_out_dir(out_dir) -> Path:
 
 def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **extra) -> BatchSummary:
     summary = BatchSummary(__version__, [str(t) for t in template_dirs], list(results), extra)
-    write_text_atomic(Path(out_dir) / "summary.json", json.dumps(summary.to_json(), indent=1) + "\n")
+    write_text_atomic(Path(out_dir) / "summary.json", json_text(summary.to_json()))
     return summary
 
 

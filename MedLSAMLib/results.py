@@ -16,18 +16,26 @@ Results are values: a layer that adds to another's result makes a new one
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
 
 #: Confidence under which a structure is flagged for review, everywhere (CLI tables, Slicer results).
 REVIEW_BELOW = 0.3
 
 
+def json_text(doc: dict) -> str:
+    """How every MedLSAM result file is written: ``json_text(result.to_json())``."""
+    return json.dumps(doc, indent=1) + "\n"
+
+
 def _ordered(values: dict, order: tuple) -> dict:
-    """``values`` with the keys of ``order`` first, in that order (an earlier file's layout)."""
+    """``values`` in an earlier file's layout: the keys of ``order`` first, in that order, and a
+    key that file did not have left out while it is None (e.g. MedLAM's files before every
+    structure entry carried ``slice_boxes_ijk``)."""
     if not order:
         return values
     head = {k: values[k] for k in order if k in values}
-    return {**head, **{k: v for k, v in values.items() if k not in head}}
+    return {**head, **{k: v for k, v in values.items() if k not in head and v is not None}}
 
 
 def _drop_none(values: dict, *keys) -> dict:
@@ -117,8 +125,6 @@ class StructureResult:
             d["note"] = self.note
         if self.segmented is not None:
             d.update(self.segmented.to_json())
-        if self.key_order and "slice_boxes_ijk" not in self.key_order and d["slice_boxes_ijk"] is None:
-            del d["slice_boxes_ijk"]  # an earlier file without the key (MedLAM, registration)
         return _ordered(d, self.key_order)
 
     @classmethod

@@ -14,8 +14,8 @@ from typing import Callable, Union
 
 from .errors import InputError
 from .localizers import LocalizerSpec
+from .segment import RUNTIMES
 from .segment.backends import check_segmenter_args, load_segmenter
-from .segment.runtimes import RUNTIMES
 from .segment.slices import SegmentOptions
 
 
@@ -59,16 +59,9 @@ class RunSettings:
         if not self.templates:
             raise InputError("give at least one template folder")
 
-    @property
-    def device(self) -> str:
-        return self.localizer.device
-
     def build_localizer(self, support=None, device: str | None = None):
         """The ready localizer (templates prepared, or read from the template cache)."""
         return self.localizer.build(list(self.templates), support=support, device=device)
-
-    def load_segmenter(self, device="cpu"):
-        return load_segmenter_choice(self.segmenter, device)
 
     def build(self, support=None, segmenter=None):
         """The ready :class:`~MedLSAMLib.pipeline.CohortSegmenter`; ``segmenter``: an already
@@ -76,7 +69,8 @@ class RunSettings:
         from .pipeline import CohortSegmenter
 
         localizer = self.build_localizer(support)
-        return CohortSegmenter(localizer, segmenter or self.load_segmenter(localizer.device), self.options)
+        return CohortSegmenter(localizer, segmenter or load_segmenter_choice(self.segmenter, localizer.device),
+                               self.options)
 
     def client_support(self):
         """What a Dask client computes once for every worker: MedLAM's support features (CPU), or

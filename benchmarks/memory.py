@@ -72,7 +72,7 @@ def main():
         structures = list(cohort.structures.values())
         t0 = time.perf_counter()
         labels, record = cohort.segment_volume(big)
-        t = record["timing_s"]
+        t = record.timing_s
         print(f"structures {args.structures}: localize {t['localize']:.0f} s, {t['slices']} slice(s) encoded, "
               f"{t.get('interpolated_slices', 0)} interpolated, total {time.perf_counter() - t0:.0f} s; "
               f"peak RSS {rss_mb():.0f} MB", flush=True)

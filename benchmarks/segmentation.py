@@ -42,6 +42,7 @@ from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.results import Localization
+from MedLSAMLib.segment import RUNTIMES
 from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
@@ -129,7 +130,7 @@ def main():
     ap.add_argument("--prior-weights", type=float, nargs="*", default=[0.5, 1.0],
                     help="shape-prior weights to compare at the default step")
     ap.add_argument("--manual", action="store_true", help="also the ground-truth-box upper bound (slow)")
-    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"])
+    ap.add_argument("--runtime", default=RUNTIMES[0], choices=RUNTIMES)
     ap.add_argument("--out", default="docs/bench/segmentation")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of an interrupted run (OUT.partial.json) and do only the cases it lacks")

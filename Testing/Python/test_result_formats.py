@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from MedLSAMLib.results import (BatchSummary, CaseRecord, Localization, Segmented, StructureResult,
-                                StructureSummary)
+                                StructureSummary, json_text)
 
 from conftest import REPO, hn_case
 
@@ -22,10 +22,6 @@ BEFORE = REPO / "Testing" / "Data" / "formats-0.1.0"
 FILES = {"boxes_hybrid.json": Localization, "boxes_hybrid_spl.json": Localization,
          "boxes_medlam.json": Localization, "boxes_registration.json": Localization,
          "pt_201_ct.json": CaseRecord, "summary.json": BatchSummary}
-
-
-def _dump(doc: dict) -> str:
-    return json.dumps(doc, indent=1) + "\n"  # how every writer formats its JSON
 
 
 def _layout(value):
@@ -41,7 +37,7 @@ def _layout(value):
 def test_files_written_before_the_typed_results_read_back_and_write_out_byte_for_byte(name):
     text = (BEFORE / name).read_text(encoding="utf-8")
     result = FILES[name].from_json(json.loads(text))
-    assert _dump(result.to_json()) == text
+    assert json_text(result.to_json()) == text
 
 
 def test_what_the_old_files_say_is_typed():
@@ -102,7 +98,7 @@ def test_a_new_hybrid_boxes_json_and_case_record_have_the_old_layout(tmp_path):
         templates.append(template_from_labels(ct, labels, structures, tmp_path / Path(case).name).directory)
     localizer = LocalizerSpec("hybrid", device="cpu", cache_dir=None).build(templates)
     query = hn_case("validation-pats/pt_201")[0]
-    boxes = json.loads(_dump(localizer.localize(query).to_json()))  # as written
+    boxes = json.loads(json_text(localizer.localize(query).to_json()))  # as written
     old_boxes = json.loads((BEFORE / "boxes_hybrid.json").read_text())
     assert _layout(boxes) == _layout(old_boxes)
     # same code path, same numbers (up to the timings): the old file's boxes are found again
