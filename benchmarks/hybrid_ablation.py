@@ -38,17 +38,23 @@ def main():
     ap.add_argument("--queries", choices=["dev", "tune"], default="dev",
                     help="dev: the 16 dev_eval_core5 cases; tune: 30 support candidates that are not templates "
                     "(support_candidates_core5[5:35]), to choose settings before looking at dev")
+    ap.add_argument("--first-template", type=int, default=0,
+                    help="templates: support_candidates_core5[N:N+5] (default 0: the protocol's supports); "
+                    "another set tells a bias of the method from one of these five templates (use N >= 35 with tune)")
     ap.add_argument("--dump", help="write every case's stages (per-template boxes, scores) here")
     args = ap.parse_args()
     set_cpu_threads()
     hn = Path(args.shared) / "data" / "openkbp_hn"
     splits = json.loads((hn / "splits.json").read_text())
-    tdirs = support_templates(hn, splits, Path(tempfile.mkdtemp(prefix="medlsam-ablation-")))
+    tdirs = support_templates(hn, splits, Path(tempfile.mkdtemp(prefix="medlsam-ablation-")),
+                              first=args.first_template)
     loc = HybridLocalizer(tdirs, cache_dir=None, settings=HybridSettings(**json.loads(args.settings)),
                           fusion=FusionSettings(**json.loads(args.fusion)))
     scores = {s: [] for s in STAGES}
     signed, dump, seconds = {}, [], []
     queries = splits["dev_eval_core5"] if args.queries == "dev" else splits["support_candidates_core5"][5:35]
+    if args.first_template and args.queries == "tune" and args.first_template < 35:
+        ap.error("--first-template below 35 overlaps the tuning queries")
     for case in queries[: args.limit or None]:
         ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
         t0 = time.perf_counter()
