@@ -487,12 +487,9 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
     def settingsFromParameters(self, templates, parameterNode=None):
         """The run configuration of the panel's choices (its parameter node) for ``templates``: the
         panel's cohort run and the Segment Editor effect both build from it."""
-        from MedLSAMLib.localizers import LocalizerSpec
-        from MedLSAMLib.settings import RunSettings
-
         p = parameterNode or self.getParameterNode()
-        return RunSettings(tuple(str(t) for t in templates), LocalizerSpec(p.localizer, p.mode, device=p.device),
-                           self.segmenterFromParameters(p))
+        segmenter = self.segmenterFromParameters(p)
+        return self.runSettings(templates, p.localizer, p.mode, p.device, segmenter.name, segmenter.checkpoint)
 
     def segmenterFromParameters(self, parameterNode=None):
         """The panel's segmenter choice (a SegmenterSpec); the effect also uses it without templates."""

@@ -14,7 +14,7 @@ from typing import Callable, Union
 
 from .errors import InputError
 from .localizers import LocalizerSpec
-from .segment import RUNTIMES
+from .segment import check_runtime
 from .segment.backends import check_segmenter_args, load_segmenter
 from .segment.slices import SegmentOptions
 
@@ -30,8 +30,7 @@ class SegmenterSpec:
 
     def __post_init__(self):
         check_segmenter_args(self.name, self.checkpoint)
-        if self.runtime not in RUNTIMES:
-            raise InputError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        check_runtime(self.runtime)
 
     def load(self, device="cpu"):
         return load_segmenter(self.name, self.checkpoint, device, self.runtime)

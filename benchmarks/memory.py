@@ -27,7 +27,7 @@ from MedLSAMLib.segment.slices import SegmentOptions
 from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.templates import Structure, default_color, template_from_labels
 
-CORE5 = [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"), (7, "Mandible")]
+from hn_templates import CORE5  # benchmarks/ is on sys.path when run as a script
 
 
 def rss_mb() -> float:

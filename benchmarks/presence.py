@@ -28,6 +28,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--out", default="docs/bench/presence.json")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N queries (0 = all)")
     args = ap.parse_args()
     set_cpu_threads()
     hn = Path(args.shared) / "data" / "openkbp_hn"
@@ -35,7 +36,7 @@ def main():
     loc = HybridLocalizer(support_templates(hn, splits, Path(tempfile.mkdtemp(prefix="medlsam-presence-"))),
                           cache_dir=None)
     rows = []
-    for case in splits["dev_eval_core5"]:
+    for case in splits["dev_eval_core5"][: args.limit or None]:
         ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
         cropped_ct, cropped_labels = crop_below_brainstem(ct, labels)
         found = loc.localize(cropped_ct).structures

@@ -30,6 +30,9 @@ class FusionSettings:
     # A face that at least this share of the voting templates has "open" (their scan cut the
     # structure there) is moved out to the end of the query's data: see extend_open_faces.
     open_face_share: float = 0.5
+    # Each template's box is that of the part of its mapped shape inside the query's data
+    # (visible_box); False: of the whole shape (the fourth session's default; docs/localizer.md).
+    visible_boxes: bool = True
 
 
 @dataclass
@@ -77,6 +80,29 @@ def extend_open_faces(box: np.ndarray, open_votes: np.ndarray, fov: np.ndarray, 
     out[0] = np.where(extend[0], np.minimum(out[0], fov[0]), out[0])
     out[1] = np.where(extend[1], np.maximum(out[1], fov[1]), out[1])
     return out
+
+
+def visible_part(shape: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """The points of a mapped shape inside the data box ``fov``; the whole shape when none is
+    (then the structure is outside the scan, and presence reports it)."""
+    inside = np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)
+    return shape[inside] if inside.any() else shape
+
+
+def visible_box(shape: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """The box of a mapped shape as the scan shows it. Where the query's data ends inside a
+    structure, the part of the shape past the end must not widen the box sideways (a spinal
+    cord curving backwards below a short scan): the faces in the data come from the points
+    inside it. A face past the data keeps the whole shape's value: the structure runs on there,
+    fusion votes with that value and the fused box is clipped to the data afterwards."""
+    whole = box_from_points(shape)
+    inside = visible_part(shape, fov)
+    if len(inside) == len(shape):
+        return whole  # all in the data (or none: the structure is outside the scan)
+    box = box_from_points(inside)
+    box[0] = np.where(whole[0] < fov[0], whole[0], box[0])
+    box[1] = np.where(whole[1] > fov[1], whole[1], box[1])
+    return box
 
 
 def fit_shape(shape: np.ndarray, target_box: np.ndarray) -> np.ndarray:

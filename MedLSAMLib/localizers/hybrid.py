@@ -30,7 +30,7 @@ from ..results import Localization, StructureResult
 from ..templates import extreme_points_of_cloud, load_template_set
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
 from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, extend_open_faces, fit_shape,
-                     fuse_boxes, inside_fraction)
+                     fuse_boxes, inside_fraction, visible_box, visible_part)
 from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
 from .working import HU_RANGE, working_image
 
@@ -203,10 +203,17 @@ class HybridLocalizer:
                   for t in range(n_t) for name in self.structures}
         boxes = np.stack([[box_from_points(shapes[(t, n)]) for n in self.structures] for t in range(n_t)])
         used, agreement = consensus_templates(boxes, self.fusion)
+        if self.fusion.visible_boxes:
+            # the boxes fused are of what the scan shows (fusion.visible_box); consensus and
+            # presence keep the whole shapes
+            seen = np.stack([[visible_box(shapes[(t, n)], fov) for n in self.structures] for t in range(n_t)])
+            shapes = {k: visible_part(v, fov) for k, v in shapes.items()}
         out, stages = {}, {}
         for s, name in enumerate(self.structures):
             fused = fuse_boxes(boxes[:, s], used, self.fusion.trimmed_from)
             frac = inside_fraction(fused.box, fov)  # judged before open faces reach the data's end
+            if self.fusion.visible_boxes:
+                fused = fuse_boxes(seen[:, s], used, self.fusion.trimmed_from)
             open_votes = np.stack([self.prepared[t].structures[name].open_faces for t in used])
             closed = np.clip(fused.box, fov[0], fov[1]) if keep_stages else None  # stage report only
             fused.box = extend_open_faces(fused.box, open_votes, fov, self.fusion.open_face_share)

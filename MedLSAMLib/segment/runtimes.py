@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from . import RUNTIMES  # defined in the light package file, so that front ends read it without torch
+from . import check_runtime  # with RUNTIMES in the light package file, read by front ends without torch
 
 CACHE_FORMAT = 1
 
@@ -32,8 +32,7 @@ def model_cache_dir() -> Path:
 
 def resolve_runtime(runtime: str, device: str | torch.device, exportable: bool) -> str:
     """``auto``: ONNX Runtime for an exportable model on CPU when it is installed, else torch."""
-    if runtime not in RUNTIMES:
-        raise InputError(f"unknown runtime {runtime!r}; choose {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     on_cpu = torch.device(device).type == "cpu"
     if runtime == "onnxruntime":
         if not on_cpu:

@@ -19,7 +19,7 @@ from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk, writ
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.localizers.align import QueryImage, block_ncc, weighted_ncc
 from MedLSAMLib.localizers.fusion import (FusionSettings, consensus_templates, extend_open_faces, fit_shape,
-                                         fuse_boxes)
+                                         fuse_boxes, visible_box)
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.markups import read_markups, write_markups
 from MedLSAMLib.templates import template_from_labels
@@ -116,6 +116,20 @@ def test_a_face_the_templates_saw_cut_by_their_scan_reaches_the_end_of_the_query
     assert np.array_equal(extend_open_faces(box, votes, fov, 0.5), box)
 
 
+def test_the_part_of_a_shape_past_the_data_does_not_widen_its_box():
+    """A cord-like line that bends backwards (+y, posterior in LPS) below z = -200, in a scan
+    whose data ends at z = -220."""
+    z = np.linspace(-300.0, -100.0, 201)
+    shape = np.stack([np.full_like(z, 240.0), 250.0 + np.clip(-200.0 - z, 0, None) * 0.5, z], axis=1)
+    fov = np.array([[0, 0, -220], [500, 500, 0]], float)
+    box = visible_box(shape, fov)
+    assert box[1, 1] == pytest.approx(260.0)  # the posterior face at the data's end, not 300 at z = -300
+    assert box[0, 2] == -300.0  # the cut face keeps the whole shape's value (fusion votes, then clips)
+    assert np.array_equal(box[1, [0, 2]], [240.0, -100.0]) and box[0, 1] == 250.0
+    inside = np.array([[0, 0, -400], [500, 500, 0]], float)
+    assert np.array_equal(visible_box(shape, inside), box_from_points(shape))
+
+
 def test_data_box_leaves_blanked_padding_out(geometry):
     from MedLSAMLib.localizers.prepared import data_box
 
@@ -179,6 +193,27 @@ def test_known_smooth_deformation_is_recovered_within_2_mm(templates):
     # every face of every structure within 2 mm; the local stage is what gets it there
     assert max(e[0] for e in errors.values()) <= 2.0, errors
     assert np.mean([e[0] for e in errors.values()]) < np.mean([e[1] for e in errors.values()]), errors
+
+
+def test_a_structure_the_scan_cuts_gets_the_box_of_its_visible_part(templates):
+    """The same warped CT, cut 80 mm above the spinal cord's lower end: below the cut the cord
+    curves backwards, and that unseen part must not make the box deeper."""
+    ct_path, labels_path = hn_case("train-pats/pt_1")
+    ct, labels = read_ct(ct_path), read_labels(labels_path)
+    warped, to_warped = smooth_warp(ct, labels)
+    cord = to_warped(mask_cloud(labels, 2))
+    z_cut = cord[:, 2].min() + 80.0
+    assert ct.geometry.direction[2, 2] == -1  # OpenKBP files: k runs head to foot
+    keep = int(np.floor((warped.geometry.origin[2] - z_cut) / warped.geometry.spacing[2])) + 1
+    image = sitk.RegionOfInterest(to_sitk(warped), [*warped.geometry.size[:2], keep], [0, 0, 0])
+    cut = from_sitk(image, "cut")
+    data_end = cut.geometry.ijk_to_lps(np.array([[0.0, 0.0, keep - 1]]))[0, 2]
+    visible = box_from_points(cord[cord[:, 2] >= data_end - 1e-6])
+    whole = box_from_points(cord)
+    assert whole[1, 1] - visible[1, 1] > 15  # the test means something: the hidden part is deeper
+    found = np.array(HybridLocalizer([templates[0]], cache_dir=None).localize(cut).structures["SpinalCord"].box_lps)
+    assert np.abs(found[:, :2] - visible[:, :2]).max() <= 2.0, (found, visible)
+    assert found[0, 2] == pytest.approx(data_end, abs=0.01)  # the box ends where the data does
 
 
 def test_the_shape_prior_follows_a_known_deformation_and_needs_no_encoder(templates):

@@ -1,0 +1,81 @@
+"""The benchmark scripts run end to end on one real case each.
+
+They produce every number in docs/results.md but are not part of the product, so nothing else
+imports them: a change to the core once broke ``benchmarks/memory.py`` without any test noticing.
+Each script runs here on the smallest input it accepts (one query, a small CT); what is checked
+is that it finishes and writes what results.md reads, with values in a sane range. Their speed
+is not judged here (benchmarks measure speed; tests do not).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED
+
+BENCH = REPO / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd=None) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--shared", str(SHARED), *args], cwd=cwd or BENCH,
+                          capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(autouse=True)
+def _shared(hn_dir):
+    """Every script here reads the head-and-neck data (skips with the fixture's reason without it)."""
+
+
+def test_localization_benchmark_and_its_stats(tmp_path):
+    out = tmp_path / "loc"
+    run_script("localization.py", "--arms", "hybrid", "--limit", "1", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["meta"]["queries_per_arm"] == {"hybrid": 1}
+    for arm in ("hybrid_global", "hybrid_local", "hybrid_closed", "hybrid"):
+        rows = result["summary"][arm]
+        assert set(rows) == {"Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Mandible"}
+        assert all(0.0 <= r["iou_mean"] <= 1.0 and r["wd_mean"] >= 0 for r in rows.values())
+    # the default localizer finds these organs on a held-out scan, if not exactly
+    assert sum(r["iou_mean"] for r in result["summary"]["hybrid"].values()) / 5 > 0.3
+    assert len(result["presence"]) == 5  # the cropped copy of the query
+    assert "| Brainstem |" in out.with_suffix(".md").read_text()
+    stats = subprocess.run([sys.executable, str(BENCH / "localization_stats.py"), str(out.with_suffix(".json")),
+                            "hybrid"], capture_output=True, encoding="utf-8", errors="replace")
+    assert stats.returncode == 0, stats.stderr[-2000:]
+
+
+def test_hybrid_ablation_reports_every_stage(tmp_path):
+    dump = tmp_path / "stages.json"
+    out = run_script("hybrid_ablation.py", "--limit", "1", '{"local_iterations": 40}', "--dump", str(dump))
+    scores = {m[1]: (float(m[2]), float(m[3]))
+              for m in re.finditer(r"^(global|local|final)\s+IoU ([\d.]+) WD ([\d.]+)", out, re.M)}
+    assert set(scores) == {"global", "local", "final"}, out
+    assert all(0.2 < iou <= 1.0 and wd < 30 for iou, wd in scores.values()), scores
+    case = json.loads(dump.read_text())[0]
+    assert len(case["stages"]["Mandible"]["per_template_local"]) == 5
+
+
+def test_presence_benchmark(tmp_path):
+    out = tmp_path / "presence.json"
+    run_script("presence.py", "--limit", "1", "--out", str(out))
+    table = json.loads(out.read_text())["thresholds"]
+    assert [row["threshold"] for row in table] == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert all(row["in_scan"] + row["cut_out"] == 5 for row in table)
+    # a higher threshold can only miss more and report fewer false boxes
+    assert [row["missed"] for row in table] == sorted(row["missed"] for row in table)
+    assert [row["false_boxes"] for row in table] == sorted((row["false_boxes"] for row in table), reverse=True)
+
+
+def test_memory_benchmark_on_a_small_volume():
+    out = run_script("memory.py", "--size", "96", "96", "80", "--structures", "Brainstem")
+    assert re.search(r"CT \(96, 96, 80\)", out), out
+    assert re.search(r"structures \['Brainstem'\]: localize \d+ s, \d+ slice\(s\) encoded", out), out
+    assert "outputs written" in out
