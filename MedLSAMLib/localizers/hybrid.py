@@ -4,11 +4,14 @@
    translation-only search over head-foot start positions (8 mm smoothing) picks a start, then
    one affine per template is fitted with blockwise NCC at 4 mm (all templates in one batch).
 2. **Local**: per template x structure, the structure's neighbourhood (its extent + 20 mm, 2 mm
-   points) gets its own affine correction on top of the global one (all pairs in one batch).
+   points) gets its own affine correction on top of the global one; a long head-foot structure
+   (a spinal cord) also gets one per part of about 60 mm, which map its shape piece by piece
+   (all pairs and parts in one batch).
 3. **Fusion**: each pair maps the template's structure shape (mask voxels, or its six points)
    into the query. A template whose boxes disagree with the consensus of all templates is left
-   out (its alignment failed, or it shows another body region); the others are fused per face
-   (trimmed mean, or median for fewer than four).
+   out (its alignment failed, or it shows another body region); the others' boxes of what the
+   query's data shows of their shapes are fused per face (trimmed mean, or median for fewer
+   than four).
 4. **Shape**: the voting template whose box is closest to the fused one lends its mapped shape,
    fitted into the fused box: sub-part boxes (SPL) and one box per axial slice come from it.
 
@@ -156,13 +159,17 @@ class HybridLocalizer:
     def _local(self, fine: QueryImage, global_maps: torch.Tensor, templates):
         """One affine per (template, structure), on top of that template's global map."""
         st, dev = self.settings, self.device
+        # each (template, structure) and each (template, structure, part) of a long structure
         pairs = [(t, name) for t in templates for name in self.structures]
-        structs = [self.prepared[t].structures[name] for t, name in pairs]
+        pairs += [(t, name, k) for t in templates for name in self.structures
+                  for k in range(len(self.prepared[t].parts.get(name, [])))]
+        structs = [self.prepared[p[0]].structures[p[1]] if len(p) == 2 else self.prepared[p[0]].parts[p[1]][p[2]]
+                   for p in pairs]
         sets = PointSets(_tensor(np.stack([s.points for s in structs]), dev),
                          _tensor(np.stack([s.values for s in structs]), dev),
                          _tensor(np.stack([s.weights for s in structs]), dev),
                          _tensor(np.stack([s.centre for s in structs]), dev))
-        maps, scores = align(fine, sets, global_maps[[t for t, _ in pairs]], AlignSettings(
+        maps, scores = align(fine, sets, global_maps[[p[0] for p in pairs]], AlignSettings(
             iterations=st.local_iterations, lr_translation_mm=1.0, lr_linear=0.01,
             max_scale_change=st.local_max_scale, translation_only_iterations=20, ignore_outside=True,
             final_lr_fraction=st.local_final_lr))
@@ -191,16 +198,23 @@ class HybridLocalizer:
 
     def _boxes(self, local_maps: dict) -> np.ndarray:
         """[T, S, 2, 3]: each template's box of each structure in the query (LPS)."""
-        return np.stack([[box_from_points(apply_affine(local_maps[(t, n)], self.prepared[t].structures[n].shape))
-                          for n in self.structures] for t in range(len(self.prepared))])
+        return np.stack([[box_from_points(self._mapped_shape(t, n, local_maps)) for n in self.structures]
+                         for t in range(len(self.prepared))])
+
+    def _mapped_shape(self, t: int, name: str, local_maps: dict) -> np.ndarray:
+        """Template ``t``'s shape of ``name`` in the query: by the structure's local affine, or
+        part by part where the structure was aligned in parts."""
+        parts = self.prepared[t].parts.get(name)
+        if parts:
+            return np.concatenate([apply_affine(local_maps[(t, name, k)], part.shape) for k, part in enumerate(parts)])
+        return apply_affine(local_maps[(t, name)], self.prepared[t].structures[name].shape)
 
     # -- result --------------------------------------------------------------------------------
     def _assemble(self, geometry: Geometry, fov: np.ndarray, global_maps, global_scores, local_maps, local_scores,
                   keep_stages: bool, realigned=()) -> dict:
         """``fov``: the LPS box of the query's data; boxes are clipped to it and presence is judged in it."""
         n_t = len(self.prepared)
-        shapes = {(t, name): apply_affine(local_maps[(t, name)], self.prepared[t].structures[name].shape)
-                  for t in range(n_t) for name in self.structures}
+        shapes = {(t, name): self._mapped_shape(t, name, local_maps) for t in range(n_t) for name in self.structures}
         boxes = np.stack([[box_from_points(shapes[(t, n)]) for n in self.structures] for t in range(n_t)])
         used, agreement = consensus_templates(boxes, self.fusion)
         if self.fusion.visible_boxes:

@@ -52,6 +52,11 @@ class HybridSettings:
     local_max_scale: float = 0.35
     local_final_lr: float = 0.1  # cosine decay of the local step sizes: +0.6 IoU points on dev (docs)
     realign_outliers: bool = True  # a template left out of the consensus gets a second start
+    # A structure longer than 1.5 x this (head-foot, mm) is also aligned in parts of about this
+    # length, each with its own local affine: one affine cannot follow a long structure's
+    # curvature (a spinal cord through a neck flexed differently). 0: off. 60 mm: the spinal
+    # cord in 3-4 parts; better on the tuning set and on dev with five template sets (docs/localizer.md).
+    part_length_mm: float = 60.0
     shape_points: int = 4000  # mask voxels kept per structure (a uniform subsample)
     # A structure face within this many voxels of the end of the template's data is "open": the
     # scan cut the structure there (a spinal cord contoured to the last slice), so the template
@@ -86,6 +91,9 @@ class PreparedTemplate:
     search_values: np.ndarray  # (G,) at 8 mm smoothing
     centroid: np.ndarray  # (3,) body centroid of the region
     structures: dict[str, PreparedStructure] = field(default_factory=dict)
+    # Long structures' head-foot parts (HybridSettings.part_length_mm), inferior to superior;
+    # each part's shape is its slab of the structure's shape.
+    parts: dict[str, list[PreparedStructure]] = field(default_factory=dict)
 
 
 def _values_at(working, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +135,7 @@ def mask_crop(labels: Volume, value: int, margin: int = 2) -> tuple[np.ndarray, 
 
 def prepare_template(template: Template, names: list[str], settings: HybridSettings) -> PreparedTemplate:
     rng = np.random.default_rng(settings.seed)
+    part_rng = np.random.default_rng(settings.seed + 1)
     image = template.load_image()
     labels = template.load_labels()
     if labels is not None and not labels.geometry.is_close(image.geometry, atol=1e-3):
@@ -164,17 +173,43 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
                 # The six points are on the mask too; keep them so the extent is exact.
                 shape, from_mask = np.concatenate([cloud, s.points]), True
         box = box_from_points(shape)
-        p = grid_points(box[0] - settings.local_margin_mm, box[1] + settings.local_margin_mm, settings.local_spacing_mm)
-        p = p[rng.choice(len(p), settings.local_points, replace=len(p) < settings.local_points)]
-        values, valid = _values_at(fine, p)
         open_faces = np.abs(box - data) <= tolerance
-        prepared.structures[s.name] = PreparedStructure(box.mean(0), p, values, valid, shape, from_mask, open_faces,
-                                                        **crop)
+        prepared.structures[s.name] = PreparedStructure(*_neighbourhood(box, fine, settings, rng), shape, from_mask,
+                                                        open_faces, **crop)
+        pieces = head_foot_parts(shape, settings.part_length_mm)
+        if len(pieces) > 1:  # parts draw from their own generator: the structures' samples stay as they were
+            prepared.parts[s.name] = [PreparedStructure(*_neighbourhood(box_from_points(piece), fine, settings, part_rng),
+                                                        piece, from_mask, open_faces) for piece in pieces]
     return prepared
 
 
+def _neighbourhood(box: np.ndarray, fine, settings: HybridSettings, rng):
+    """(centre, points, values, validity) of the local stage around a box: points on the local
+    grid over the box + the local margin, with the template's working values at them."""
+    p = grid_points(box[0] - settings.local_margin_mm, box[1] + settings.local_margin_mm, settings.local_spacing_mm)
+    p = p[rng.choice(len(p), settings.local_points, replace=len(p) < settings.local_points)]
+    values, valid = _values_at(fine, p)
+    return box.mean(0), p, values, valid
+
+
+def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
+    """A long head-foot structure cut into slabs of about ``length_mm``; none for a structure
+    shorter than 1.5 x that or not elongated head-foot (at least twice as long as its width or
+    its depth, whichever is smaller, as a bent tube: a spinal cord, not a mandible)."""
+    if length_mm <= 0 or len(shape) == 0:
+        return []
+    size = np.ptp(shape, axis=0)
+    extent = float(size[2])
+    z = shape[:, 2]
+    if extent < 1.5 * length_mm or extent < 2 * min(size[0], size[1]):
+        return []
+    edges = np.linspace(z.min(), z.max(), int(round(extent / length_mm)) + 1)
+    index = np.clip(np.searchsorted(edges, z, side="right") - 1, 0, len(edges) - 2)
+    return [shape[index == k] for k in range(len(edges) - 1) if np.any(index == k)]
+
+
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 4  # bump when PreparedTemplate changes
+CACHE_FORMAT = 5  # bump when PreparedTemplate changes
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
@@ -190,6 +225,9 @@ def cache_key(template: Template, names: list[str], settings: HybridSettings) ->
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+_PART_ARRAYS = ("centre", "points", "values", "weights", "shape")  # what a part adds to its structure
+
+
 def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
     arrays = {"global_points": prepared.global_points, "global_values": prepared.global_values,
               "search_values": prepared.search_values, "centroid": prepared.centroid}
@@ -201,7 +239,11 @@ def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
                        f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask),
                        f"s{n}_open_faces": s.open_faces, f"s{n}_mask": s.mask,
                        f"s{n}_mask_ijk_to_lps": s.mask_ijk_to_lps})
-    arrays["meta"] = np.array(json.dumps({"name": prepared.name, "structures": names}))
+    parts = {name: len(prepared.parts.get(name, [])) for name in names}
+    for n, name in enumerate(names):
+        for k, part in enumerate(prepared.parts.get(name, [])):
+            arrays.update({f"s{n}p{k}_{key}": getattr(part, key) for key in _PART_ARRAYS})
+    arrays["meta"] = np.array(json.dumps({"name": prepared.name, "structures": names, "parts": parts}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -219,6 +261,12 @@ def load_prepared(path: Path) -> PreparedTemplate:
                                                           z[f"s{n}_weights"], z[f"s{n}_shape"],
                                                           bool(z[f"s{n}_from_mask"]), z[f"s{n}_open_faces"],
                                                           z[f"s{n}_mask"], z[f"s{n}_mask_ijk_to_lps"])
+            count = meta["parts"][name]
+            if count:
+                prepared.parts[name] = [
+                    PreparedStructure(*(z[f"s{n}p{k}_{key}"] for key in _PART_ARRAYS),
+                                      from_mask=prepared.structures[name].from_mask,
+                                      open_faces=prepared.structures[name].open_faces) for k in range(count)]
     return prepared
 
 

@@ -21,6 +21,7 @@ from MedLSAMLib.localizers.align import QueryImage, block_ncc, weighted_ncc
 from MedLSAMLib.localizers.fusion import (FusionSettings, consensus_templates, extend_open_faces, fit_shape,
                                          fuse_boxes, visible_box)
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
+from MedLSAMLib.localizers.prepared import head_foot_parts
 from MedLSAMLib.markups import read_markups, write_markups
 from MedLSAMLib.templates import template_from_labels
 
@@ -128,6 +129,20 @@ def test_the_part_of_a_shape_past_the_data_does_not_widen_its_box():
     assert np.array_equal(box[1, [0, 2]], [240.0, -100.0]) and box[0, 1] == 250.0
     inside = np.array([[0, 0, -400], [500, 500, 0]], float)
     assert np.array_equal(visible_box(shape, inside), box_from_points(shape))
+
+
+def test_only_long_head_foot_structures_are_cut_into_parts():
+    z = np.linspace(-300.0, -110.0, 400)
+    cord = np.stack([240.0 + 5 * np.sin(z / 40), 250.0 + 0.002 * (z + 200) ** 2, z], axis=1)
+    parts = head_foot_parts(cord, 60.0)
+    assert len(parts) == 3 and sum(len(p) for p in parts) == len(cord)
+    assert all(np.ptp(p[:, 2]) <= 190 / 3 + 1e-6 for p in parts)
+    assert [p[:, 2].min() for p in parts] == sorted(p[:, 2].min() for p in parts)  # inferior to superior
+    rng = np.random.default_rng(0)
+    jaw = rng.uniform([190, 150, -190], [300, 240, -90], (500, 3))  # 110 x 90 x 100 mm: not a tube
+    assert head_foot_parts(jaw, 60.0) == []
+    assert head_foot_parts(cord[cord[:, 2] > -190], 60.0) == []  # 80 mm: shorter than 1.5 parts
+    assert head_foot_parts(cord, 0.0) == []  # off
 
 
 def test_data_box_leaves_blanked_padding_out(geometry):
@@ -274,6 +289,11 @@ def test_prepared_templates_are_cached_and_a_changed_markups_file_invalidates_th
     for a, b in zip(first.prepared, again.prepared):
         assert np.array_equal(a.global_points, b.global_points)
         assert np.array_equal(a.structures["Mandible"].values, b.structures["Mandible"].values)
+        # the spinal cord is aligned in parts (HybridSettings.part_length_mm); they come back too
+        assert len(a.parts["SpinalCord"]) >= 2 and len(b.parts["SpinalCord"]) == len(a.parts["SpinalCord"])
+        for pa, pb in zip(a.parts["SpinalCord"], b.parts["SpinalCord"]):
+            assert np.array_equal(pa.shape, pb.shape) and np.array_equal(pa.values, pb.values)
+        assert set(a.parts) == {"SpinalCord"}  # not the mandible, not the brainstem
     # move one point of one structure by 1 mm: that template is prepared again, the other is not
     mrk = templates[0] / "Brainstem.mrk.json"
     original = mrk.read_bytes()
