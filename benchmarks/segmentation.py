@@ -130,6 +130,8 @@ def main():
     ap.add_argument("--prior-weights", type=float, nargs="*", default=[0.5, 1.0],
                     help="shape-prior weights to compare at the default step")
     ap.add_argument("--manual", action="store_true", help="also the ground-truth-box upper bound (slow)")
+    ap.add_argument("--pipeline-only", action="store_true",
+                    help="only the default pipeline arm (no SAM arms: about 7 s per case)")
     ap.add_argument("--runtime", default=RUNTIMES[0], choices=RUNTIMES)
     ap.add_argument("--out", default="docs/bench/segmentation")
     ap.add_argument("--resume", action="store_true",
@@ -181,6 +183,7 @@ def main():
         arms = [(f"shape_k{k}", "shape", k, 0.0) for k in sorted(args.steps, reverse=True)]
         arms += [(f"box_k{defaults.slice_step}", "box", defaults.slice_step, 0.0)]
         arms += [(f"prior{w:g}_k{defaults.slice_step}", "shape", defaults.slice_step, w) for w in args.prior_weights]
+        arms = [] if args.pipeline_only else arms
         for arm, prompt, step, weight in arms:
             pred, _, timing = segment_volume(ct, localized_requests(localization, prompt), cached,
                                              replace(defaults, prompt=prompt, slice_step=step, prior_weight=weight))
@@ -224,19 +227,20 @@ def markdown(rows, meta) -> str:
     p = [r["timing_s"]["pipeline"] for r in rows]
     # Seconds per encoded slice (encode + decode), measured where slices were really encoded: the
     # first arm (in run order) that encoded any, on an empty cache for that case.
-    timed = next(a for a in arms if sum(r["timing_s"][a]["slices"] for r in rows) > 0)
-    t = [r["timing_s"][timed] for r in rows]
-    per_slice = np.sum([x["encode"] + x["decode"] for x in t]) / max(np.sum([x["slices"] for x in t]), 1)
-    lines += ["", f"Slices encoded per case by arm (mean), and the segmentation seconds that implies at "
-              f"{per_slice:.2f} s per encoded slice (encode + decode, measured in the arm {timed}, which "
-              f"ran first on an empty cache):", "",
-              "| arm | slices encoded | slices interpolated (all structures) | implied s |", "|---|---|---|---|"]
-    for a in arms:
-        if a == "pipeline":
-            continue
-        t = [r["timing_s"][a] for r in rows]
-        n = np.mean([x["slices"] for x in t])
-        lines.append(f"| {a} | {n:.1f} | {np.mean([x.get('interpolated_slices', 0) for x in t]):.1f} | {n * per_slice:.1f} |")
+    timed = next((a for a in arms if a != "pipeline" and sum(r["timing_s"][a]["slices"] for r in rows) > 0), None)
+    if timed:  # not with --pipeline-only, or when no arm encoded a slice
+        t = [r["timing_s"][timed] for r in rows]
+        per_slice = np.sum([x["encode"] + x["decode"] for x in t]) / max(np.sum([x["slices"] for x in t]), 1)
+        lines += ["", f"Slices encoded per case by arm (mean), and the segmentation seconds that implies at "
+                  f"{per_slice:.2f} s per encoded slice (encode + decode, measured in the arm {timed}, which "
+                  f"ran first on an empty cache):", "",
+                  "| arm | slices encoded | slices interpolated (all structures) | implied s |", "|---|---|---|---|"]
+        for a in arms:
+            if a == "pipeline":
+                continue
+            t = [r["timing_s"][a] for r in rows]
+            n = np.mean([x["slices"] for x in t])
+            lines.append(f"| {a} | {n:.1f} | {np.mean([x.get('interpolated_slices', 0) for x in t]):.1f} | {n * per_slice:.1f} |")
     keys = [k for k in ("localize", "encode", "decode", "interpolate", "postprocess", "write", "total") if k in p[0]]
     lines += ["", "The pipeline (`medlsam segment`'s path, default options), seconds per case, mean (max):", "",
               "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),

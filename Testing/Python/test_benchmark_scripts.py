@@ -79,3 +79,13 @@ def test_memory_benchmark_on_a_small_volume():
     assert re.search(r"CT \(96, 96, 80\)", out), out
     assert re.search(r"structures \['Brainstem'\]: localize \d+ s, \d+ slice\(s\) encoded", out), out
     assert "outputs written" in out
+
+
+def test_segmentation_benchmark_pipeline_arm(tmp_path):
+    out = tmp_path / "seg"
+    run_script("segmentation.py", "--limit", "1", "--pipeline-only", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 1 and list(rows[0]["arms"]) == ["pipeline"]
+    dice = [v["dice"] for v in rows[0]["arms"]["pipeline"].values()]
+    assert len(dice) == 5 and 0.3 < sum(dice) / 5 <= 1.0  # the default path segments a held-out scan
+    assert "| **mean** |" in out.with_suffix(".md").read_text()

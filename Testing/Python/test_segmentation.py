@@ -174,7 +174,7 @@ def test_onnx_runtime_encoder_matches_torch_on_real_slices(tmp_path):
     """The exported encoder (ONNX Runtime) against torch on real CT slices: embeddings within
     1e-4, identical masks; the second load reads the cached model instead of exporting again."""
     pytest.importorskip("onnxruntime")
-    from MedLSAMLib.segment.runtimes import RUNTIMES
+    from MedLSAMLib.segment import RUNTIMES
 
     assert "onnxruntime" in RUNTIMES
     ct = read_ct(hn_case("validation-pats/pt_201")[0])
