@@ -271,12 +271,29 @@ class HybridLocalizer:
             lps = geometry.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3).astype(float))
             prob = np.zeros(len(lps), np.float32)
             for t in voters:
-                s = self.prepared[t].structures[name]
-                # query LPS -> template LPS -> template mask voxel, as one matrix over the points
-                query_to_mask = np.linalg.inv(s.mask_ijk_to_lps) @ np.linalg.inv(local_maps[(t, name)])
-                prob += _sample_mask(s.mask, query_to_mask, lps)
+                prob += self._carried_mask(t, name, local_maps, lps)
             out[name] = (lo[::-1].copy(), (prob / len(voters)).reshape(k.shape))
         return out
+
+    def _carried_mask(self, t: int, name: str, local_maps: dict, lps: np.ndarray) -> np.ndarray:
+        """Template ``t``'s mask of ``name`` sampled at query points: through the structure's
+        local affine, or, for a structure aligned in parts, through the part whose head-foot slab
+        each point falls in (in the template's frame), as its box was made."""
+        s = self.prepared[t].structures[name]
+        to_mask = np.linalg.inv(s.mask_ijk_to_lps)
+        parts = self.prepared[t].parts.get(name)
+        if not parts:  # query LPS -> template LPS -> template mask voxel, one matrix over the points
+            return _sample_mask(s.mask, to_mask @ np.linalg.inv(local_maps[(t, name)]), lps)
+        inverse = [np.linalg.inv(local_maps[(t, name, n)]) for n in range(len(parts))]
+        outside = np.stack([np.maximum(part.shape[:, 2].min() - z, z - part.shape[:, 2].max()).clip(0)
+                            for part, z in ((part, apply_affine(inv, lps)[:, 2]) for part, inv in zip(parts, inverse))])
+        nearest = np.argmin(outside, axis=0)  # the part whose slab holds the point, else the closest one
+        sampled = np.zeros(len(lps), np.float32)
+        for n, inv in enumerate(inverse):
+            chosen = nearest == n
+            if chosen.any():
+                sampled[chosen] = _sample_mask(s.mask, to_mask @ inv, lps[chosen])
+        return sampled
 
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
                          match, frac, n_used, n_templates, from_mask) -> StructureResult:
