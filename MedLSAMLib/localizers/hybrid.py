@@ -157,7 +157,8 @@ class HybridLocalizer:
             translation_only_iterations=10, block_mm=st.block_mm, ignore_outside=st.global_ignore_outside))
 
     def _local(self, fine: QueryImage, global_maps: torch.Tensor, templates):
-        """One affine per (template, structure), on top of that template's global map."""
+        """One affine per (template, structure) and per (template, structure, part) of a structure
+        aligned in parts, on top of that template's global map."""
         st, dev = self.settings, self.device
         # each (template, structure) and each (template, structure, part) of a long structure
         pairs = [(t, name) for t in templates for name in self.structures]
@@ -285,9 +286,12 @@ class HybridLocalizer:
         if not parts:  # query LPS -> template LPS -> template mask voxel, one matrix over the points
             return _sample_mask(s.mask, to_mask @ np.linalg.inv(local_maps[(t, name)]), lps)
         inverse = [np.linalg.inv(local_maps[(t, name, n)]) for n in range(len(parts))]
-        outside = np.stack([np.maximum(part.shape[:, 2].min() - z, z - part.shape[:, 2].max()).clip(0)
-                            for part, z in ((part, apply_affine(inv, lps)[:, 2]) for part, inv in zip(parts, inverse))])
-        nearest = np.argmin(outside, axis=0)  # the part whose slab holds the point, else the closest one
+        slab_distance = []  # per part: how far (head-foot, template frame) each point is from its slab
+        for part, inv in zip(parts, inverse):
+            z = apply_affine(inv, lps)[:, 2]
+            lo, hi = part.shape[:, 2].min(), part.shape[:, 2].max()
+            slab_distance.append(np.clip(np.maximum(lo - z, z - hi), 0, None))
+        nearest = np.argmin(np.stack(slab_distance), axis=0)  # the part whose slab holds the point, else the closest
         sampled = np.zeros(len(lps), np.float32)
         for n, inv in enumerate(inverse):
             chosen = nearest == n
