@@ -179,11 +179,11 @@ def main():
         pipeline_labels = read_labels(case_dir / f"{result.case}_labels.nii.gz").array
         row["arms"]["pipeline"] = scores(labels, pipeline_labels, sp)
 
-        localization = localizer.localize(ct, priors=True)
         arms = [(f"shape_k{k}", "shape", k, 0.0) for k in sorted(args.steps, reverse=True)]
         arms += [(f"box_k{defaults.slice_step}", "box", defaults.slice_step, 0.0)]
         arms += [(f"prior{w:g}_k{defaults.slice_step}", "shape", defaults.slice_step, w) for w in args.prior_weights]
         arms = [] if args.pipeline_only else arms
+        localization = localizer.localize(ct, priors=True) if arms else None  # shared by the other arms
         for arm, prompt, step, weight in arms:
             pred, _, timing = segment_volume(ct, localized_requests(localization, prompt), cached,
                                              replace(defaults, prompt=prompt, slice_step=step, prior_weight=weight))

@@ -200,9 +200,9 @@ def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
         return []
     size = np.ptp(shape, axis=0)
     extent = float(size[2])
-    z = shape[:, 2]
     if extent < 1.5 * length_mm or extent < 2 * min(size[0], size[1]):
         return []
+    z = shape[:, 2]
     edges = np.linspace(z.min(), z.max(), int(round(extent / length_mm)) + 1)
     index = np.clip(np.searchsorted(edges, z, side="right") - 1, 0, len(edges) - 2)
     return [shape[index == k] for k in range(len(edges) - 1) if np.any(index == k)]
