@@ -1,0 +1,100 @@
+"""Masks made from six extreme points on the scan where they lie, against the clinical contours.
+
+For each of the 16 dev scans and the 5 protocol templates, and each of the five head-and-neck
+structures: the six extreme points of the contour (as ``template from-labels`` makes them, i.e.
+exact points), then a mask from them alone, compared with the contour. Arms: the points' box,
+an ellipsoid inscribed in it, and ``point_masks.mask_from_points`` (the product's maker).
+
+    python benchmarks/point_masks.py --shared ../shared --out docs/bench/point_masks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from MedLSAMLib.evaluate import dice
+from MedLSAMLib.io import read_ct, read_labels
+from MedLSAMLib.point_masks import PointMaskSettings, mask_from_points
+from MedLSAMLib.templates import extreme_points_from_mask
+
+from hn_templates import CORE5  # benchmarks/ is on sys.path when run as a script
+
+
+def paste(shape, block: np.ndarray, block_to_image: np.ndarray) -> np.ndarray:
+    """A block mask (uint8 [k, j, i]) on the image grid, given its block ijk -> image ijk matrix
+    (offset and stride only: the maker never rotates)."""
+    out = np.zeros(shape, bool)
+    k, j, i = np.nonzero(block)
+    ijk = np.stack([i, j, k, np.ones_like(i)], 1) @ block_to_image.T
+    ii, jj, kk = np.rint(ijk[:, :3]).astype(int).T
+    stride = np.rint(np.diag(block_to_image)[:3]).astype(int)
+    for di in range(stride[0]):  # a coarsened block voxel covers stride voxels of the image
+        for dj in range(stride[1]):
+            for dk in range(stride[2]):
+                a, b, c = kk + dk, jj + dj, ii + di
+                ok = (a < shape[0]) & (b < shape[1]) & (c < shape[2])
+                out[a[ok], b[ok], c[ok]] = True
+    return out
+
+
+def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
+    kji = geometry.lps_to_ijk(points_lps)[:, ::-1]
+    lo, hi = kji.min(0), kji.max(0)
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1).astype(float)
+    if kind == "box":
+        return np.all((grid >= np.floor(lo)) & (grid <= np.ceil(hi)), -1)
+    centre, radius = (lo + hi) / 2, np.maximum((hi - lo) / 2, 0.5)
+    return (((grid - centre) / radius) ** 2).sum(-1) <= 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default="../shared")
+    ap.add_argument("--limit", type=int, default=21)
+    ap.add_argument("--out", default="docs/bench/point_masks")
+    args = ap.parse_args()
+    hn = Path(args.shared) / "data" / "openkbp_hn"
+    splits = json.loads((hn / "splits.json").read_text())
+    cases = (splits["dev_eval_core5"] + splits["support_candidates_core5"][:5])[: args.limit]
+    settings = PointMaskSettings()
+    rows, seconds = [], []
+    for case in cases:
+        ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
+        for value, name in CORE5:
+            truth = labels.array == value
+            if not truth.any():
+                continue
+            points = extreme_points_from_mask(truth, labels.geometry)
+            t0 = time.perf_counter()
+            block, matrix = mask_from_points(ct, points, settings)
+            seconds.append(time.perf_counter() - t0)
+            made = paste(truth.shape, block, ct.geometry.lps_to_ijk_matrix @ matrix)
+            rows.append({"case": case, "structure": name,
+                         "dice": {"box": dice(simple_arm(truth.shape, ct.geometry, points, "box"), truth),
+                                  "ellipsoid": dice(simple_arm(truth.shape, ct.geometry, points, "ellipsoid"), truth),
+                                  "point_mask": dice(made, truth)}})
+        print(f"{case}: " + ", ".join(f"{r['structure']} {r['dice']['point_mask']:.2f}" for r in rows if r["case"] == case),
+              flush=True)
+    arms = ["box", "ellipsoid", "point_mask"]
+    lines = ["| structure | " + " | ".join(f"{a} Dice %" for a in arms) + " |", "|---|" + "---|" * len(arms)]
+    for _, name in CORE5:
+        sel = [r for r in rows if r["structure"] == name]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * np.mean([r['dice'][a] for r in sel]):.1f}" for a in arms) + " |")
+    lines.append("| **mean** | " + " | ".join(
+        f"**{100 * np.mean([np.mean([r['dice'][a] for r in rows if r['structure'] == n]) for _, n in CORE5]):.1f}**"
+        for a in arms) + " |")
+    lines += ["", f"{len(cases)} scans, {len(rows)} structures; point mask {np.mean(seconds):.2f} s per structure "
+              f"(max {np.max(seconds):.2f} s); settings {settings.key()}"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings.key(), "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
