@@ -1,10 +1,12 @@
 """Building templates in Slicer: guided six-point placement, points from a segment, template sets.
 
 Guided placement uses Slicer's predefined control points: a point-list node holds six points
-named superior ... posterior whose positions start *undefined*; Slicer's place mode fills the
-first undefined point on each click, so the user always places the point whose name the panel
-shows next. Re-placing a point makes it undefined again. The node is the single source of
-truth: the panel only reads :func:`placement_status`.
+named superior ... posterior whose positions start *undefined* (``UnsetNthControlPointPosition``;
+``ResetNthControlPointPosition`` would leave a *preview* point, which Slicer's place mode fills
+first: docs/slicer-behaviour.md). Place mode fills the first undefined point on each click, so
+the user always places the point whose name the panel shows next. Re-placing a point makes it
+undefined again. The node is the single source of truth: the panel only reads
+:func:`placement_status`.
 
 slicer + vtk only (no Qt), so slicer-core runs all of it in tests.
 """
@@ -53,7 +55,7 @@ def new_placement_node(scene, structure: str, label: int, color=None):
     node.CreateDefaultDisplayNodes()
     for name in POINT_NAMES:
         index = node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), name)
-        node.ResetNthControlPointPosition(index)
+        node.UnsetNthControlPointPosition(index)
     node.SetFixedNumberOfControlPoints(True)  # clicks fill these six, never add a seventh
     node.SetAttribute(STRUCTURE_ATTRIBUTE, structure)
     node.SetAttribute(LABEL_ATTRIBUTE, str(int(label)))
@@ -95,7 +97,7 @@ def replace_point(node, name: str) -> None:
     """Make ``name`` undefined so that the next click places it again."""
     for i in range(node.GetNumberOfControlPoints()):
         if node.GetNthControlPointLabel(i).strip().lower() == name:
-            node.ResetNthControlPointPosition(i)
+            node.UnsetNthControlPointPosition(i)
             return
     raise InputError(f"{node.GetName()}: no point named {name!r}")
 

@@ -17,8 +17,57 @@ from MedLSAMMRML import nodes, placement  # noqa: E402
 
 
 def _click(node, index, lps):
-    """What one click in place mode does: Slicer positions the first undefined point."""
+    """Set point ``index`` as a click would (the test names the point it expects to be filled)."""
     node.SetNthControlPointPositionWorld(index, *lps_to_ras(lps))
+
+
+def place_click(node, lps) -> int:
+    """One click in Slicer's place mode, as vtkSlicerMarkupsWidget::PlacePoint and
+    vtkMRMLMarkupsDisplayNode::UpdateActiveControlPointWorld do it (docs/slicer-behaviour.md):
+    the preview point if there is one; else, from the node's placement start index (0 when unset),
+    the first undefined point (wrapping round); else a new point. Missing points are never
+    chosen. Returns the index filled."""
+    n = node.GetNumberOfControlPoints()
+    statuses = [node.GetNthControlPointPositionStatus(i) for i in range(n)]
+    if node.PositionPreview in statuses:
+        index = statuses.index(node.PositionPreview)
+    else:
+        start = node.GetControlPointPlacementStartIndex()
+        start = start if 0 <= start < n else 0
+        order = [(start + d) % n for d in range(n)]
+        index = next((i for i in order if statuses[i] == node.PositionUndefined), None)
+        if index is None:
+            raise AssertionError("no undefined point left: Slicer would add a seventh point")
+    node.SetNthControlPointPositionWorld(index, *lps_to_ras(lps))
+    return index
+
+
+def statuses(node) -> list[str]:
+    names = {node.PositionUndefined: "undefined", node.PositionPreview: "preview",
+             node.PositionDefined: "defined", node.PositionMissing: "missing"}
+    return [names[node.GetNthControlPointPositionStatus(i)] for i in range(node.GetNumberOfControlPoints())]
+
+
+def test_each_click_fills_the_point_the_panel_names_also_after_a_replace(scene):
+    node = placement.new_placement_node(scene, "Brainstem", 1)
+    assert statuses(node) == ["undefined"] * 6  # no preview point at the origin, none placed first
+    for expected in ("superior", "inferior"):
+        named = placement.placement_status(node).next_point
+        filled = node.GetNthControlPointLabel(place_click(node, [0.0, 0.0, 10.0 if expected == "superior" else 0.0]))
+        assert named == filled == expected
+    assert statuses(node) == ["defined"] * 2 + ["undefined"] * 4
+    placement.replace_point(node, "superior")
+    assert statuses(node) == ["undefined", "defined"] + ["undefined"] * 4
+    named = placement.placement_status(node).next_point
+    assert named == "superior" == node.GetNthControlPointLabel(place_click(node, [0.0, 0.0, 12.0]))
+    for _ in range(4):
+        named = placement.placement_status(node).next_point
+        assert node.GetNthControlPointLabel(place_click(node, [1.0, 1.0, 5.0])) == named
+    assert placement.placement_status(node).next_point is None and statuses(node) == ["defined"] * 6
+    # re-placing a point of a complete node: the next click fills exactly that one
+    placement.replace_point(node, "left")
+    assert placement.placement_status(node).next_point == "left"
+    assert node.GetNthControlPointLabel(place_click(node, [2.0, 1.0, 5.0])) == "left"
 
 
 def test_guided_placement_shows_next_point_progress_and_problems(scene):
