@@ -224,4 +224,7 @@ def add_volume_node(scene, volume: Volume, name: str | None = None):
             m.SetElement(r, c, ras[r, c])
     node.SetIJKToRASMatrix(m)
     node.SetAndObserveImageData(image)
+    # a node made with AddNewNodeByClass has no display node: without one Slicer shows it blank
+    # (slicer.util.addVolumeFromArray does the same)
+    node.CreateDefaultDisplayNodes()
     return node

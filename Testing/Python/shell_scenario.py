@@ -77,6 +77,51 @@ try:
     logic.startCohort([], logic.runSettings(["t"]))
 except ValueError as exc:
     out["empty_cohort"] = str(exc)
+# Reload and Test: Slicer calls runTest with no unittest runner, so a skip must not escape it
+import unittest  # noqa: E402
+
+selfTest = MedLSAM.MedLSAMTest()
+ran = []
+
+
+def _skip():
+    raise unittest.SkipTest("not a source checkout")
+
+
+selfTest.test_library_importable = lambda: ran.append("library")
+selfTest.test_widget_builds_and_binds_parameters = lambda: ran.append("widget")
+selfTest.test_template_placement_and_cohort = _skip
+selfTest.runTest()
+out["self_test"] = {"ran": ran, "displayed": list(fakes.DISPLAYED)}
+# a Slicer whose Python is too old gets one clear sentence, and nothing is installed
+MedLSAM.MINIMUM_PYTHON = (99, 0)
+try:
+    logic.installDependencies(askConfirmation=False)
+except RuntimeError as exc:
+    out["old_python"] = str(exc)
+MedLSAM.MINIMUM_PYTHON = (3, 10)
+out["packaging"] = repr(MedLSAM.slicerPackaging())
+# the README's console example, as written (template paths swapped for a real template when the
+# shared CT is there): it must run and give one result per volume, here a failed case for an
+# empty volume, not a TypeError
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import types  # noqa: E402
+
+readme = (REPO / "README.md").read_text(encoding="utf-8")
+example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "processCohort" in b)
+shared_ct = REPO.parent / "shared" / "data" / "openkbp_hn" / "train-pats"
+if (shared_ct / "pt_1_ct.nii.gz").is_file():
+    from MedLSAMLib.templates import template_from_labels
+
+    folder = Path(tempfile.mkdtemp()) / "pt_1"
+    template_from_labels(shared_ct / "pt_1_ct.nii.gz", shared_ct / "pt_1_label.nii.gz", [(1, "Brainstem")], folder)
+    example = re.sub(r'"/path/to/templates/pt_\d"', repr(str(folder)), example)
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")  # the self-test's setUp cleared the scene
+    console = {"slicer": types.SimpleNamespace(util=types.SimpleNamespace(
+        getModuleLogic=lambda name: logic if name == "MedLSAM" else None, getNodesByClass=slicer.util.getNodesByClass))}
+    exec(compile(example, "README.md", "exec"), console)
+    out["readme_example"] = [[r.volume, r.status] for r in console["results"]]
 out["requirements"] = logic.requirements()
 out["missing"] = logic.missingPackages()
 print("RESULT " + json.dumps(out))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import unittest
 from pathlib import Path
 
 
@@ -88,8 +89,12 @@ class ScriptedLoadableModuleWidget:  # never instantiated here (its setup needs 
         raise AttributeError("not faked: ScriptedLoadableModuleWidget needs Qt - verify in Slicer")
 
 
-class ScriptedLoadableModuleTest:
-    pass
+DISPLAYED: list[str] = []  # what delayDisplay showed
+
+
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message, requestedDelay=None, msec=None):
+        DISPLAYED.append(message)
 
 
 # -- Base/Python/slicer/parameterNodeWrapper (the decorator stores typed values as node parameters) --

@@ -97,3 +97,19 @@ def test_icon_and_screenshot_urls_point_at_files_of_this_repository():
         for url in cmake[key].split():
             path = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", url)
             assert (REPO / path).is_file(), f"{key}: {url} -> {path} is not in the repository"
+
+
+def test_the_slicer_floor_is_stated_once_and_agrees_with_the_python_floor():
+    """Slicer 5.8 ships Python 3.9; MedLSAMLib needs pyproject's requires-python. The module's
+    floor, the CMake refusal, the .s4ext note and the README name the same Slicer version."""
+    import ast
+
+    module = ast.parse((REPO / "MedLSAM" / "MedLSAM.py").read_text(encoding="utf-8"))
+    constants = {t.id: ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Name) and t.id in ("MINIMUM_PYTHON", "MINIMUM_SLICER")}
+    requires = re.search(r'requires-python\s*=\s*">=(\d+)\.(\d+)"', (REPO / "pyproject.toml").read_text()).groups()
+    assert constants["MINIMUM_PYTHON"] == tuple(int(v) for v in requires)
+    slicer = constants["MINIMUM_SLICER"]
+    assert f'set(MEDLSAM_MINIMUM_SLICER "{slicer}")' in (REPO / "CMakeLists.txt").read_text()
+    assert f"Needs 3D Slicer {slicer} or newer" in (REPO / "MedLSAM.s4ext").read_text()
+    assert f"3D Slicer {slicer} or newer" in (REPO / "README.md").read_text()

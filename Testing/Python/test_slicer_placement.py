@@ -147,6 +147,9 @@ def test_template_set_saved_in_slicer_loads_in_the_library_and_back(scene, tmp_p
     assert [n.GetName() for n in point_lists] == ["Brainstem"]
     assert np.allclose(nodes.points_from_markups_node(point_lists[0]), template.structures["Brainstem"].points, atol=1e-4)
     assert nodes.volume_from_node(volume2).geometry.is_close(image.geometry, atol=1e-4)
+    # a loaded template shows in the views: it has a scalar-volume display node with a colour map
+    display = volume2.GetDisplayNode()
+    assert display is not None and display.IsA("vtkMRMLScalarVolumeDisplayNode")
 
 
 def test_saved_and_loaded_template_volumes_are_marked_so_the_cohort_skips_them(scene, tmp_path):

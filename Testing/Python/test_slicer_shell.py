@@ -53,6 +53,19 @@ def test_logic_parameters_and_template_structures(shell):
     assert "segment-anything>=1.0" in shell["requirements"] and shell["missing"] == []
 
 
+def test_self_test_reports_a_skip_instead_of_failing_and_an_old_slicer_is_named(shell):
+    assert shell["self_test"] == {"ran": ["library", "widget"],
+                                  "displayed": ["test_template_placement_and_cohort skipped: not a source checkout"]}
+    assert shell["old_python"].startswith("MedLSAM needs 3D Slicer 5.10 or newer (Python 99.0); this Slicer runs Python 3.")
+    assert shell["packaging"] == "None"
+
+
+def test_the_readme_console_example_runs(shell):
+    if "readme_example" not in shell:
+        pytest.skip(f"needs the shared CT for its template ({SHARED}); not present here")
+    assert shell["readme_example"] == [["empty", "failed"]]  # the empty volume fails alone, as a case  # slicer-core has no slicer.packaging: found by import, not hasattr
+
+
 def test_fake_surfaces_are_real_slicer_names_and_strict():
     """The harness's contract (not the product's): every name the fakes offer exists in Slicer
     (the API manifest), and a name they do not offer fails loudly, so a green run means something."""
