@@ -56,7 +56,8 @@ def mask_from_points(volume: Volume, points_lps: np.ndarray,
                      settings: PointMaskSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 mask [k, j, i] of the block around the points, that block's ijk -> LPS matrix):
     the same layout as a label map's crop (localizers.prepared.mask_crop). Every point's voxel
-    is in the mask; nothing outside the points' LPS box is."""
+    is in the mask; no other voxel whose centre lies outside the points' LPS box is (on an
+    oblique grid a point's own voxel may have its centre just outside)."""
     st = settings or PointMaskSettings()
     points_lps = np.asarray(points_lps, float).reshape(-1, 3)
     geometry = volume.geometry

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..geometry import box_from_points
 from ..io import Volume
 from ..medlam.checkpoint import sha256
+from ..point_masks import PointMaskSettings, mask_from_points
 from ..templates import MANIFEST, Template
 from .align import QueryImage
 from .working import SOFT_TISSUE_RANGE, grid_points, padding_value, working_image
@@ -62,6 +63,10 @@ class HybridSettings:
     # scan cut the structure there (a spinal cord contoured to the last slice), so the template
     # cannot say where it ends. See fusion.extend_open_faces.
     open_face_voxels: float = 2.5
+    # A structure without a label-map mask gets one made from its six points on the template's
+    # own CT (point_masks), carried onto each scan like a label map's: 35 -> see docs/results.md.
+    # None: its shape stays the six points (the segmenter then has no prior for it).
+    point_masks: PointMaskSettings | None = field(default_factory=PointMaskSettings)
     seed: int = 2023
 
     def key(self) -> dict:
@@ -107,6 +112,12 @@ def _values_at(working, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _mask_cloud(labels: Volume, value: int) -> np.ndarray:
     kji = np.argwhere(labels.array == value)
     return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))
+
+
+def _block_cloud(mask: np.ndarray, ijk_to_lps: np.ndarray) -> np.ndarray:
+    """LPS centres of a block mask's voxels."""
+    kji = np.argwhere(mask)
+    return (np.hstack([kji[:, ::-1], np.ones((len(kji), 1))]) @ ijk_to_lps.T)[:, :3]
 
 
 def data_box(volume: Volume) -> np.ndarray:
@@ -163,15 +174,18 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
         crop = {}
-        if labels is not None:
-            cloud = _mask_cloud(labels, s.label)
-            if len(cloud):
-                mask, matrix = mask_crop(labels, s.label)
-                crop = {"mask": mask, "mask_ijk_to_lps": matrix}
-                if len(cloud) > settings.shape_points:
-                    cloud = cloud[rng.choice(len(cloud), settings.shape_points, replace=False)]
-                # The six points are on the mask too; keep them so the extent is exact.
-                shape, from_mask = np.concatenate([cloud, s.points]), True
+        cloud = _mask_cloud(labels, s.label) if labels is not None else np.zeros((0, 3))
+        if len(cloud):
+            mask, matrix = mask_crop(labels, s.label)
+        elif settings.point_masks is not None:
+            mask, matrix = mask_from_points(image, s.points, settings.point_masks)
+            cloud = _block_cloud(mask, matrix)
+        if len(cloud):
+            crop = {"mask": mask, "mask_ijk_to_lps": matrix}
+            if len(cloud) > settings.shape_points:
+                cloud = cloud[rng.choice(len(cloud), settings.shape_points, replace=False)]
+            # The six points are on the mask too; keep them so the extent is exact.
+            shape, from_mask = np.concatenate([cloud, s.points]), True
         box = box_from_points(shape)
         open_faces = np.abs(box - data) <= tolerance
         prepared.structures[s.name] = PreparedStructure(*_neighbourhood(box, fine, settings, rng), shape, from_mask,
@@ -209,7 +223,7 @@ def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 5  # bump when PreparedTemplate changes
+CACHE_FORMAT = 6  # bump when PreparedTemplate changes
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 

@@ -1,0 +1,125 @@
+"""What your templates hold -> what you get: segmentation of the 16 dev scans with the same five
+templates holding label maps, or only their six points per structure (what the Slicer panel makes).
+
+Arms (each is ``medlsam segment``'s own path, ``CohortSegmenter.segment_volume``; seconds real):
+
+* ``labels``: label-map templates (``template from-labels``), default options: the ceiling.
+* ``points``: the same templates with ``labels`` removed from ``template.json``; default options
+  (each structure's mask made from its six points on the template's CT, carried onto the scan).
+* ``points_sam``: points-only, masks from points turned off: LiteMedSAM per slice is all there
+  is (the path before point masks): the floor.
+* ``points_blend``: points-only, SAM blended half and half with the carried point masks.
+
+    python benchmarks/template_kinds.py --shared ../shared --out docs/bench/template_kinds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from MedLSAMLib.device import set_cpu_threads
+from MedLSAMLib.io import read_ct, read_labels
+from MedLSAMLib.localizers.hybrid import HybridLocalizer
+from MedLSAMLib.localizers.prepared import HybridSettings
+from MedLSAMLib.pipeline import CohortSegmenter
+from MedLSAMLib.segment.backends import load_segmenter
+from MedLSAMLib.segment.slices import SegmentOptions
+
+from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+from segmentation import mean_dice, scores
+
+
+def points_only(template_dir: Path, out: Path) -> Path:
+    """A copy of a template folder whose manifest names no label map (the image is referenced)."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((template_dir / "template.json").read_text())
+    manifest.pop("labels", None)
+    image = Path(manifest["image"])
+    manifest["image"] = str(image if image.is_absolute() else (template_dir / image).resolve())
+    for f in template_dir.glob("*.mrk.json"):
+        (out / f.name).write_text(f.read_text())
+    (out / "template.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+ARMS = ("labels", "points", "points_sam", "points_blend")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default="../shared")
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--out", default="docs/bench/template_kinds")
+    args = ap.parse_args()
+    set_cpu_threads()
+    hn = Path(args.shared) / "data" / "openkbp_hn"
+    splits = json.loads((hn / "splits.json").read_text())
+    work = Path(tempfile.mkdtemp(prefix="medlsam-kinds-"))
+    label_dirs = support_templates(hn, splits, work / "labels")
+    point_dirs = [points_only(d, work / "points" / d.name) for d in label_dirs]
+    seg = load_segmenter("litemedsam", device="cpu")
+    defaults = SegmentOptions()
+    setups = {"labels": (label_dirs, HybridSettings(), defaults),
+              "points": (point_dirs, HybridSettings(), defaults),
+              "points_sam": (point_dirs, HybridSettings(point_masks=None), defaults),
+              "points_blend": (point_dirs, HybridSettings(), replace(defaults, prior_weight=0.5))}
+    cohorts, prepare_s = {}, {}
+    for arm in args.arms:
+        dirs, settings, options = setups[arm]
+        t0 = time.perf_counter()
+        localizer = HybridLocalizer(dirs, settings=settings, cache_dir=None)
+        prepare_s[arm] = time.perf_counter() - t0
+        cohorts[arm] = CohortSegmenter(localizer, seg, options)
+
+    rows = []
+    for n, case in enumerate(splits["dev_eval_core5"][: args.limit], 1):
+        ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
+        sp = labels.geometry.spacing[::-1]
+        row = {"case": case, "arms": {}, "timing_s": {}}
+        for arm, cohort in cohorts.items():
+            pred, record = cohort.segment_volume(ct)
+            row["arms"][arm] = scores(labels, pred, sp)
+            row["timing_s"][arm] = record.timing_s
+        rows.append(row)
+        print(f"[{n}] {case}: " + ", ".join(f"{a} {mean_dice(s):.3f} ({row['timing_s'][a]['total']:.1f} s)"
+                                             for a, s in row["arms"].items()), flush=True)
+    meta = {"queries": len(rows), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "prepare_templates_s": prepare_s}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+    print(markdown(rows, meta))
+
+
+def markdown(rows, meta) -> str:
+    arms = list(rows[0]["arms"])
+    lines = ["| structure | " + " | ".join(f"{a} Dice % / HD95 mm" for a in arms) + " |", "|---|" + "---|" * len(arms)]
+    for _, name in CORE5:
+        cells = []
+        for a in arms:
+            vals = [r["arms"][a][name] for r in rows if name in r["arms"][a]]
+            cells.append(f"{100 * np.mean([v['dice'] for v in vals]):.1f} / {np.nanmean([v['hd95'] for v in vals]):.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{100 * np.mean([mean_dice(r['arms'][a]) for r in rows]):.1f}**"
+                                             for a in arms) + " |")
+    lines.append("| s per case, mean (max) | " + " | ".join(
+        f"{np.mean([r['timing_s'][a]['total'] for r in rows]):.1f} ({np.max([r['timing_s'][a]['total'] for r in rows]):.1f})"
+        for a in arms) + " |")
+    lines.append("| template preparation s (5 templates, no cache) | " + " | ".join(
+        f"{meta['prepare_templates_s'][a]:.1f}" for a in arms) + " |")
+    lines += ["", f"{meta['queries']} queries; {meta['machine']}; the case read once, outside the timings."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
