@@ -189,10 +189,11 @@ def _add_demo_command(sub) -> None:
     from .localizers import KINDS
 
     p = sub.add_parser("demo", help="run the built-in offline demonstration",
-                       description="Template from slicerio's sample chest CT segmentation, a small cohort of "
-                       "deformed copies with known truth, 'segment' (default localizer + LiteMedSAM) and 'evaluate'. Offline.")
+                       description="Three head-and-neck patients as templates holding only six points per "
+                       "structure, three other patients segmented ('segment', default settings) and scored against "
+                       "their clinical contours ('evaluate'). The data ships with MedLSAM; offline.")
     p.add_argument("--out", default="medlsam-demo", help="output folder (default ./medlsam-demo)")
-    p.add_argument("--cases", type=int, default=3, help="number of deformed cases (default 3)")
+    p.add_argument("--cases", type=int, default=3, help="number of cohort patients, 1-3 (default 3)")
     _add_device_option(p)
     p.add_argument("--localizer", choices=KINDS, default="auto",
                    help="which localizer (default auto: the most accurate on our benchmark)")
@@ -210,8 +211,8 @@ def _cmd_demo(args) -> int:
     print("\n" + markdown_table(summary["metrics"]))
     print(f"segmentations (open in 3D Slicer): {out / 'results'}/*.seg.nrrd")
     print(f"reports: {out / 'results' / 'evaluation'} (metrics.md, boxplots.png, montage.png); {summary['seconds']:.0f} s")
-    print("note: the cohort is deformed copies of the template's own chest CT, "
-          "so this shows the workflow, not accuracy on new patients; see docs/results.md")
+    print("templates: six points per structure on three other patients (no masks); "
+          "benchmark on 16 held-out scans: docs/results.md")
     return 0 if summary["batch"]["failed"] == 0 else 1
 
 
