@@ -48,3 +48,27 @@ class BackgroundJob:
             return self._future.result(timeout)
         finally:
             self._executor.shutdown(wait=False)
+
+    def outcome(self) -> tuple[str, object]:
+        """What the job left, for a timer slot on the main thread, never raising:
+        ``("running", None)``; ``("cancelled", None)`` once ``cancel()`` was called, even if the
+        function finished anyway (a localization cannot stop midway; its result must not appear
+        after the user cancelled or left the effect); ``("failed", one-line message)``;
+        ``("done", result)``."""
+        if not self.done():
+            return "running", None
+        if self.cancel_event.is_set():
+            self._executor.shutdown(wait=False)
+            return "cancelled", None
+        try:
+            return "done", self.result()
+        except Cancelled:
+            return "cancelled", None
+        except Exception as exc:  # any error of the worker: shown to the user, never lost in a timer slot
+            return "failed", error_line(exc)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the status bar and the dialog: the message, or the exception's kind when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -143,7 +143,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return logic.segmenterFromParameters(), str(resolve_device(logic.getParameterNode().device))
 
     def deactivate(self):
-        if self._job is not None:
+        if self._job is not None:  # its result is discarded when it arrives (BackgroundJob.outcome)
             self._job.cancel()
         self.discardPreview()
 
@@ -179,25 +179,28 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.pollTimer.start()
 
     def pollJob(self):
-        from MedLSAMLib.errors import Cancelled
-
         job = self._job
-        if job is None or not job.done():
-            done, total = job.progress if job is not None else (0, 0)
+        state, value = job.outcome() if job is not None else ("cancelled", None)
+        if state == "running":
+            done, total = job.progress
             self.statusLabel.text = f"{self._what}..." + (f" slice {done}/{total}" if total else "")
             return
         self.pollTimer.stop()
         self._job = None
         for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):
             button.enabled = True
-        try:
-            result = job.result()
-        except Cancelled:
+        self.cancelButton.enabled = self._preview is not None
+        if state == "cancelled":  # also a job that finished after Cancel or after the effect was left
             self.statusLabel.text = "Cancelled."
-            self.cancelButton.enabled = self._preview is not None
-            return
-        with slicer.util.tryWithErrorDisplay(f"MedLSAM could not finish: {self._what}.", waitCursor=True):
-            self._onJobDone(result)
+        elif state == "failed":
+            self.statusLabel.text = f"{self._what} failed: {value}"
+            slicer.util.errorDisplay(f"MedLSAM could not finish {self._what}: {value}")
+        else:
+            try:  # tryWithErrorDisplay shows the error, then re-raises: not out of a timer slot
+                with slicer.util.tryWithErrorDisplay(f"MedLSAM could not finish {self._what}.", waitCursor=True):
+                    self._onJobDone(value)
+            except Exception as exc:
+                self.statusLabel.text = f"{self._what} failed: {exc}"
 
     def onLocalize(self):
         from MedLSAMLib.errors import InputError

@@ -137,3 +137,40 @@ def test_background_job_gives_the_same_preview_and_cancels(scene, oblique_volume
     gate.set()
     with pytest.raises(Cancelled):
         cancelled.result()
+
+
+def _finished(job):
+    import threading
+
+    while not job.done():
+        threading.Event().wait(0.01)
+    return job
+
+
+def test_a_failing_worker_is_reported_in_one_line_and_never_raised_into_the_timer():
+    def broken(report):
+        raise FileNotFoundError("/templates/x/template.json: no such file\n(traceback follows)")
+
+    job = BackgroundJob(broken)
+    assert job.outcome()[0] in ("running", "failed")
+    assert _finished(job).outcome() == ("failed", "/templates/x/template.json: no such file")
+    assert _finished(BackgroundJob(lambda report: 1 / 0)).outcome() == ("failed", "division by zero")
+    assert _finished(BackgroundJob(lambda report: "boxes")).outcome() == ("done", "boxes")
+
+
+def test_a_job_that_never_reports_is_cancelled_and_its_late_result_discarded():
+    """Localization never calls report(): Cancel (or leaving the effect) must still win, and the
+    result arriving afterwards must not create a box."""
+    import threading
+
+    gate = threading.Event()
+
+    def localize(report):  # like the effect's localize job: no report() calls
+        gate.wait()
+        return "a localization"
+
+    job = BackgroundJob(localize)
+    assert job.outcome() == ("running", None)
+    job.cancel()
+    gate.set()
+    assert _finished(job).outcome() == ("cancelled", None)
