@@ -118,6 +118,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.structureTable.connect("itemSelectionChanged()", self.onStructureSelected)
         self.ui.replacePointButton.connect("clicked(bool)", self.onReplacePoint)
         self.ui.fromSegmentButton.connect("clicked(bool)", self.onFromSegment)
+        self.ui.proposeMasksButton.connect("clicked(bool)", self.onProposeMasks)
         self.ui.saveTemplateButton.connect("clicked(bool)", self.onSaveTemplate)
         self.ui.loadTemplateButton.connect("clicked(bool)", self.onLoadTemplate)
         self.ui.addTemplateFolderButton.connect("clicked(bool)", self.onAddTemplateFolder)
@@ -269,6 +270,14 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError(_("Select a segmentation and a segment."))
             self.logic.pointsFromSegment(node, segmentation, segmentId)
             self.refreshStructureTable()
+
+    def onProposeMasks(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not propose the masks."), waitCursor=True):
+            volume = self._parameterNode.templateVolume
+            masks, names = self.logic.proposeMasks(volume, self.logic.structureNodes())
+            slicer.util.showStatusMessage(_("Proposed masks for {names} in {node}: correct them in the Segment "
+                                            "Editor, then Save template").format(names=", ".join(names),
+                                                                                  node=masks.GetName()), 8000)
 
     def onSaveTemplate(self):
         with slicer.util.tryWithErrorDisplay(_("Could not save the template."), waitCursor=True):
@@ -474,6 +483,15 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
         from MedLSAMMRML.placement import fill_placement_node, points_from_segment
 
         fill_placement_node(node, points_from_segment(segmentationNode, segmentId))
+
+    @staticmethod
+    def proposeMasks(volumeNode, structureNodes):
+        """Each complete structure's mask made from its six points, as a segment to review."""
+        from MedLSAMMRML.placement import propose_masks
+
+        if volumeNode is None:
+            raise ValueError(_("Choose the template volume."))
+        return propose_masks(volumeNode, structureNodes)
 
     @staticmethod
     def saveTemplate(volumeNode, structureNodes, folder):

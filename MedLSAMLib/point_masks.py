@@ -83,6 +83,25 @@ def mask_from_points(volume: Volume, points_lps: np.ndarray,
     return mask.astype(np.uint8), ijk_to_lps
 
 
+def mask_on_image(block: np.ndarray, block_to_lps: np.ndarray, geometry) -> np.ndarray:
+    """A block mask (``mask_from_points``' output) as a boolean mask of the whole image grid: each
+    image voxel takes the block voxel nearest to it (a coarsened block voxel covers its stride)."""
+    out = np.zeros(geometry.shape_kji, bool)
+    to_block = np.linalg.inv(geometry.lps_to_ijk_matrix @ block_to_lps)  # image ijk -> block ijk
+    corners = np.array([[a, b, c, 1.0] for a in (-0.5, block.shape[2] - 0.5) for b in (-0.5, block.shape[1] - 0.5)
+                        for c in (-0.5, block.shape[0] - 0.5)]) @ np.linalg.inv(to_block).T
+    lo = np.clip(np.floor(corners[:, :3].min(0)), 0, np.array(geometry.size) - 1).astype(int)
+    hi = np.clip(np.ceil(corners[:, :3].max(0)), 0, np.array(geometry.size) - 1).astype(int)
+    k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in (2, 1, 0)), indexing="ij")
+    ijk = np.stack([i, j, k, np.ones_like(i)], -1).reshape(-1, 4).astype(float) @ to_block.T
+    b = np.rint(ijk[:, :3]).astype(int)
+    ok = np.all((b >= 0) & (b < np.array(block.shape[::-1])), axis=1)
+    values = np.zeros(len(b), bool)
+    values[ok] = block[b[ok, 2], b[ok, 1], b[ok, 0]] > 0
+    out[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = values.reshape(k.shape)
+    return out
+
+
 def _index_map(lo_ijk, stride_ijk) -> np.ndarray:
     """Block index -> image index (ijk, homogeneous)."""
     m = np.diag([*map(float, stride_ijk), 1.0])

@@ -18,27 +18,10 @@ import numpy as np
 
 from MedLSAMLib.evaluate import dice
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.point_masks import PointMaskSettings, mask_from_points
+from MedLSAMLib.point_masks import PointMaskSettings, mask_from_points, mask_on_image
 from MedLSAMLib.templates import extreme_points_from_mask
 
 from hn_templates import CORE5  # benchmarks/ is on sys.path when run as a script
-
-
-def paste(shape, block: np.ndarray, block_to_image: np.ndarray) -> np.ndarray:
-    """A block mask (uint8 [k, j, i]) on the image grid, given its block ijk -> image ijk matrix
-    (offset and stride only: the maker never rotates)."""
-    out = np.zeros(shape, bool)
-    k, j, i = np.nonzero(block)
-    ijk = np.stack([i, j, k, np.ones_like(i)], 1) @ block_to_image.T
-    ii, jj, kk = np.rint(ijk[:, :3]).astype(int).T
-    stride = np.rint(np.diag(block_to_image)[:3]).astype(int)
-    for di in range(stride[0]):  # a coarsened block voxel covers stride voxels of the image
-        for dj in range(stride[1]):
-            for dk in range(stride[2]):
-                a, b, c = kk + dk, jj + dj, ii + di
-                ok = (a < shape[0]) & (b < shape[1]) & (c < shape[2])
-                out[a[ok], b[ok], c[ok]] = True
-    return out
 
 
 def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
@@ -72,7 +55,7 @@ def main():
             t0 = time.perf_counter()
             block, matrix = mask_from_points(ct, points, settings)
             seconds.append(time.perf_counter() - t0)
-            made = paste(truth.shape, block, ct.geometry.lps_to_ijk_matrix @ matrix)
+            made = mask_on_image(block, matrix, ct.geometry)
             rows.append({"case": case, "structure": name,
                          "dice": {"box": dice(simple_arm(truth.shape, ct.geometry, points, "box"), truth),
                                   "ellipsoid": dice(simple_arm(truth.shape, ct.geometry, points, "ellipsoid"), truth),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import slicer
 import vtk
 
 from MedLSAMLib.errors import InputError
@@ -26,11 +27,14 @@ from MedLSAMLib.templates import (Structure, Template, check_structure_name, def
 from MedLSAMLib.terminology import terminology_for
 
 from .nodes import (add_volume_node, geometry_from_ijk_to_ras, image_block, matrix_to_numpy, node_geometry,
-                    segment_labelmap, set_markups_points, volume_from_node)
+                    oriented_image, segment_labelmap, segment_mask, set_markups_points, volume_from_node,
+                    write_labels_to_segmentation)
 
 STRUCTURE_ATTRIBUTE = "MedLSAM.Structure"  # node attribute: which structure a point list belongs to
 LABEL_ATTRIBUTE = "MedLSAM.Label"
 TEMPLATE_ATTRIBUTE = "MedLSAM.Template"  # on a volume node: the template folder it was saved to / loaded from
+MASKS_ATTRIBUTE = "MedLSAM.TemplateMasksOf"  # on a segmentation node: the ID of the template volume it masks
+LABELS_FILE = "labels.nii.gz"
 
 
 @dataclass
@@ -125,8 +129,61 @@ def fill_placement_node(node, points_lps) -> None:
     node.SetFixedNumberOfControlPoints(True)
 
 
+def template_masks_node(scene, volume_node, create: bool = False):
+    """The segmentation holding the masks proposed (and perhaps corrected) for a template volume."""
+    for node in scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+        if node.GetAttribute(MASKS_ATTRIBUTE) == volume_node.GetID():
+            return node
+    if not create:
+        return None
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} template masks")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node.SetAttribute(MASKS_ATTRIBUTE, volume_node.GetID())
+    return node
+
+
+def propose_masks(volume_node, placement_nodes, settings=None):
+    """For every structure whose six points are placed: the mask MedLSAM makes from them on the
+    template volume (``MedLSAMLib.point_masks``), as a segment named after the structure in the
+    volume's template-masks segmentation, replacing an earlier proposal. The clinician may correct
+    it with the Segment Editor; :func:`save_template_set` stores it as the template's label map.
+    Returns (segmentation node, names proposed)."""
+    from MedLSAMLib.point_masks import mask_from_points, mask_on_image
+
+    volume = volume_from_node(volume_node)
+    structures = []
+    for node in placement_nodes:
+        status = placement_status(node, volume_node)
+        if status.complete:
+            name = node.GetAttribute(STRUCTURE_ATTRIBUTE) or node.GetName()
+            display = node.GetDisplayNode()
+            color = tuple(display.GetSelectedColor()) if display is not None else default_color(1)
+            points = _defined_points_lps(node)
+            structures.append((name, np.array([points[n] for n in POINT_NAMES]), color))
+    if not structures:
+        raise InputError("place all six points of a structure first")
+    segmentation_node = template_masks_node(volume_node.GetScene(), volume_node, create=True)
+    segmentation = segmentation_node.GetSegmentation()
+    for name, points, color in structures:
+        mask = mask_on_image(*mask_from_points(volume, points, settings), volume.geometry)
+        old = segmentation.GetSegmentIdBySegmentName(name)
+        if old:
+            segmentation.RemoveSegment(old)
+        segment_id = segmentation.AddEmptySegment(name, name, list(color))
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            oriented_image(mask, volume.geometry), segmentation_node, segment_id,
+            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        if not ok:
+            raise RuntimeError(f"could not write the proposed mask of {name}")
+    return segmentation_node, [name for name, _, _ in structures]
+
+
 def save_template_set(volume_node, placement_nodes, directory) -> Path:
-    """Write the volume and the structures' points as a template folder (the CLI's format).
+    """Write the volume and the structures' points as a template folder (the CLI's format); when
+    the volume has template masks (:func:`propose_masks`, perhaps corrected), also ``labels.nii.gz``
+    holding each structure's segment under its label value (structures without a segment keep
+    their six points only and get a mask made at run time).
 
     The image is written beside ``template.json`` so the folder moves as one.
     """
@@ -149,10 +206,27 @@ def save_template_set(volume_node, placement_nodes, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     image_path = directory / "image.nrrd"
-    write_volume(volume_from_node(volume_node), image_path)
-    save_template(Template(image_path, structures), directory)
+    volume = volume_from_node(volume_node)
+    write_volume(volume, image_path)
+    labels_path = _write_template_labels(volume_node, volume, structures, directory / LABELS_FILE)
+    save_template(Template(image_path, structures, labels_path=labels_path), directory)
     volume_node.SetAttribute(TEMPLATE_ATTRIBUTE, str(directory))
     return directory
+
+
+def _write_template_labels(volume_node, volume, structures: dict, path: Path):
+    """The template-masks segments of the structures as one label map on the volume's grid (None
+    when there are none; a stale label map from an earlier save is removed)."""
+    masks = template_masks_node(volume_node.GetScene(), volume_node)
+    labels = np.zeros(volume.geometry.shape_kji, np.uint16)
+    for name, s in structures.items():
+        if masks is not None and masks.GetSegmentation().GetSegmentIdBySegmentName(name):
+            labels[segment_mask(masks, name, volume.geometry)] = s.label
+    if not labels.any():
+        path.unlink(missing_ok=True)
+        return None
+    write_volume(volume.with_array(labels.astype(np.uint8) if labels.max() < 256 else labels, "labels"), path)
+    return path
 
 
 def load_template_set(scene, directory):
@@ -167,4 +241,8 @@ def load_template_set(scene, directory):
         node = new_placement_node(scene, s.name, s.label, s.color)
         fill_placement_node(node, s.points)
         nodes.append(node)
+    labels = template.load_labels()
+    if labels is not None:  # its masks come back for review, as they were saved
+        write_labels_to_segmentation(labels, template.structures.values(),
+                                     template_masks_node(scene, volume_node, create=True), volume_node)
     return volume_node, nodes

@@ -17,24 +17,10 @@ from MedLSAMLib.geometry import box_from_points
 from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.markups import read_markups, write_markups
-from MedLSAMLib.point_masks import mask_from_points
+from MedLSAMLib.point_masks import mask_from_points, mask_on_image
 from MedLSAMLib.templates import extreme_points_from_mask, template_from_labels
 
 from conftest import CORE5, hn_case, phantom
-
-
-def on_image(volume, block, matrix) -> np.ndarray:
-    """A block mask as a full boolean mask of ``volume``'s grid (every image voxel a block voxel covers)."""
-    to_image = volume.geometry.lps_to_ijk_matrix @ matrix
-    stride = np.rint(np.diag(to_image)[:3]).astype(int)
-    out = np.zeros(volume.geometry.shape_kji, bool)
-    k, j, i = np.nonzero(block)
-    ijk = np.rint(np.stack([i, j, k, np.ones_like(i)], 1) @ to_image.T)[:, :3].astype(int)
-    for offset in np.ndindex(*stride):
-        a, b, c = (ijk + np.array(offset)).T
-        ok = (a < out.shape[2]) & (b < out.shape[1]) & (c < out.shape[0])
-        out[c[ok], b[ok], a[ok]] = True
-    return out
 
 
 def check_touches_points_inside_box(block, matrix, points, oblique=False):
@@ -59,7 +45,7 @@ def test_a_ball_on_oblique_and_permuted_grids_is_found_from_its_six_points(geome
     points = extreme_points_from_mask(ball.array > 0, geometry)
     block, matrix = mask_from_points(ball, points)
     check_touches_points_inside_box(block, matrix, points, oblique=True)
-    made = on_image(ball, block, matrix)
+    made = mask_on_image(block, matrix, geometry)
     assert dice(made, ball.array > 0) > 0.85  # the box of the points alone: about 0.5
 
 
@@ -79,7 +65,7 @@ def test_on_real_ct_the_masks_touch_the_points_and_beat_the_box():
         points = extreme_points_from_mask(truth, labels.geometry)
         block, matrix = mask_from_points(ct, points)
         check_touches_points_inside_box(block, matrix, points)
-        made_dice.append(dice(on_image(ct, block, matrix), truth))
+        made_dice.append(dice(mask_on_image(block, matrix, ct.geometry), truth))
         kji = ct.geometry.lps_to_ijk(points)[:, ::-1]
         grid = np.indices(truth.shape).transpose(1, 2, 3, 0)
         box_dice.append(dice(np.all((grid >= np.floor(kji.min(0))) & (grid <= np.ceil(kji.max(0))), -1), truth))

@@ -163,3 +163,45 @@ def test_saved_and_loaded_template_volumes_are_marked_so_the_cohort_skips_them(s
     assert volume.GetAttribute(placement.TEMPLATE_ATTRIBUTE) == str(tmp_path / "t")
     loaded, _ = placement.load_template_set(scene, tmp_path / "t")
     assert loaded.GetAttribute(placement.TEMPLATE_ATTRIBUTE) == str(tmp_path / "t")
+
+
+def test_proposed_masks_can_be_corrected_and_are_saved_as_the_templates_label_map(scene, tmp_path):
+    from MedLSAMLib.evaluate import dice
+    from MedLSAMLib.localizers.hybrid import HybridLocalizer
+
+    ct, labels_path = hn_case("train-pats/pt_1")
+    image, labels = read_ct(ct), read_labels(labels_path)
+    volume = nodes.add_volume_node(scene, image, "pt_1")
+    point_lists = []
+    for value, name in ((1, "Brainstem"), (7, "Mandible")):
+        node = placement.new_placement_node(scene, name, value)
+        placement.fill_placement_node(node, extreme_points_from_mask(labels.array == value, labels.geometry))
+        point_lists.append(node)
+    unfinished = placement.new_placement_node(scene, "Larynx", 6)
+    masks, proposed = placement.propose_masks(volume, point_lists + [unfinished])
+    assert proposed == ["Brainstem", "Mandible"]  # only structures with their six points
+    brainstem = nodes.segment_mask(masks, "Brainstem", image.geometry)
+    mandible = nodes.segment_mask(masks, "Mandible", image.geometry)
+    assert dice(brainstem, labels.array == 1) > 0.6 and dice(mandible, labels.array == 7) > 0.6
+    assert placement.template_masks_node(scene, volume) is masks  # found again, not duplicated
+    # the clinician corrects the mandible (here: replaces it by the clinical contour)
+    segment_id = masks.GetSegmentation().GetSegmentIdBySegmentName("Mandible")
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        nodes.oriented_image(labels.array == 7, image.geometry), masks, segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+    placement.save_template_set(volume, point_lists, tmp_path / "t")
+    template = load_template(tmp_path / "t")
+    saved = template.load_labels()
+    assert saved is not None and saved.geometry.is_close(image.geometry, atol=1e-4)
+    assert np.array_equal(saved.array == 7, labels.array == 7)  # the correction, voxel for voxel
+    assert np.array_equal(saved.array == 1, brainstem)  # the proposal, as proposed
+    prepared = HybridLocalizer([tmp_path / "t"], cache_dir=None).prepared[0].structures["Mandible"]
+    assert prepared.from_mask and prepared.mask.sum() == (labels.array == 7).sum()  # the saved mask is used
+
+    # loading the template brings the masks back for review
+    scene.Clear()
+    volume2, _ = placement.load_template_set(scene, tmp_path / "t")
+    again = placement.template_masks_node(scene, volume2)
+    assert again is not None
+    assert np.array_equal(nodes.segment_mask(again, "Mandible", image.geometry), labels.array == 7)
