@@ -155,6 +155,8 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
+        if self._run is not None:  # its results would land in the next scene: stop it
+            self._run.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -557,12 +559,13 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
                                         cancel_event=cancelEvent)
 
     def startCohort(self, volumeNodes, settings, progressCallback=None):
-        """Non-blocking cohort run for the panel: call ``poll()`` from a timer until it returns False."""
-        from MedLSAMMRML.logic import CohortRun
+        """Non-blocking cohort run for the panel, in a worker process (the same code and files as
+        ``medlsam segment``): call ``poll()`` from a timer until it returns False."""
+        from MedLSAMMRML.process import CohortProcessRun
 
         if not volumeNodes:
             raise ValueError(_("No target volume."))
-        return CohortRun(self.core, volumeNodes, settings, progress_callback=progressCallback)
+        return CohortProcessRun(self.core, volumeNodes, settings, progress_callback=progressCallback)
 
     # -- dependencies -------------------------------------------------------------------------
     @staticmethod

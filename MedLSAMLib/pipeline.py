@@ -207,30 +207,39 @@ def write_summary(out_dir: Path, template_dirs, results: list[CaseResult], **ext
 
 
 def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resume: bool = False,
-               show_progress: bool = True) -> BatchSummary:
-    """Segment every image in this process; never stop on one failure. Returns (and writes) the summary."""
+               show_progress: bool = True, events=None) -> BatchSummary:
+    """Segment every image in this process; never stop on one failure. Returns (and writes) the summary.
+
+    ``events``: called with a dict per step (``{"event": "case", "index", "case"}``, ``{"event":
+    "slices", "done", "total"}``, ``{"event": "finished", "index", "case", "status", "error",
+    "seconds"}``): how MedLSAMLib.worker reports to the Slicer module."""
     from tqdm import tqdm
 
+    emit = events or (lambda event: None)
     out_dir = prepare_out_dir(out_dir)
     results: list[CaseResult] = []
     with output_lock(out_dir):
         bar = tqdm(images, desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True)
-        for path in bar:
+        for index, path in enumerate(bar):
             case = case_name(path)
             bar.set_postfix_str(case)
+            emit({"event": "case", "index": index, "case": case})
             earlier = resumed_result(out_dir, path) if resume else None
-            if earlier is not None:
-                results.append(earlier)
-                continue
-            slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False, disable=not show_progress)
+            if earlier is None:
+                slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False,
+                                 disable=not show_progress)
 
-            def progress(done, total, _bar=slice_bar):
-                _bar.total = total
-                _bar.n = done
-                _bar.refresh()
+                def progress(done, total, _bar=slice_bar):
+                    _bar.total = total
+                    _bar.n = done
+                    _bar.refresh()
+                    emit({"event": "slices", "done": done, "total": total})
 
-            try:
-                results.append(segment_one(cohort, path, out_dir, progress))
-            finally:
-                slice_bar.close()
+                try:
+                    earlier = segment_one(cohort, path, out_dir, progress)
+                finally:
+                    slice_bar.close()
+            results.append(earlier)
+            emit({"event": "finished", "index": index, "case": case, "status": earlier.status, "error": earlier.error,
+                  "seconds": round(earlier.seconds, 2)})
         return write_summary(out_dir, [t.directory for t in cohort.localizer.templates], results, executor="local")

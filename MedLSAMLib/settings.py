@@ -9,7 +9,7 @@ to the workers).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Union
 
 from .errors import InputError
@@ -57,6 +57,19 @@ class RunSettings:
         self.templates = tuple(str(t) for t in self.templates)
         if not self.templates:
             raise InputError("give at least one template folder")
+
+    def to_json(self) -> dict:
+        """Plain JSON (for a run in another process: MedLSAMLib.worker). Only a SegmenterSpec
+        travels; a segmenter object or factory cannot."""
+        if not isinstance(self.segmenter, SegmenterSpec):
+            raise InputError("a custom segmenter object cannot run in another process; use a SegmenterSpec")
+        return {"templates": list(self.templates), "localizer": asdict(self.localizer),
+                "segmenter": asdict(self.segmenter), "options": asdict(self.options)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunSettings":
+        return cls(tuple(d["templates"]), LocalizerSpec(**d["localizer"]), SegmenterSpec(**d["segmenter"]),
+                   SegmentOptions(**d["options"]))
 
     def build_localizer(self, support=None, device: str | None = None):
         """The ready localizer (templates prepared, or read from the template cache)."""

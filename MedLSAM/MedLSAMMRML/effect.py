@@ -108,6 +108,13 @@ def prepare_box(volume_node, box_ijk, slices=None, window=SAM_WINDOW):
     return volume, request, lo, hi
 
 
+def request_json(request: StructureRequest) -> dict:
+    """A box request as plain JSON (for MedLSAMLib.worker's ``box`` job)."""
+    return {"name": request.name, "label": int(request.label), "boxes_ijk": [[list(map(int, lo)), list(map(int, hi))]
+                                                                          for lo, hi in request.boxes_ijk],
+            "window": [float(v) for v in request.window]}
+
+
 def run_box(volume, request, segmenter, progress=None) -> np.ndarray:
     """Any thread (no MRML): the label map of the block (``[k, j, i]``, PREVIEW_VALUE inside)."""
     labels, _, _ = segment_volume(volume, [request], segmenter, SegmentOptions(resolve_overlaps=False), progress)

@@ -1,8 +1,9 @@
 """Segment Editor effect "MedLSAM": template box -> SAM on each slice -> preview -> Apply (undoable).
 
 Qt wiring only; the work is in ``MedLSAMMRML.effect`` (tested on Slicer's real MRML libraries).
-Localization and segmentation run on a worker thread (``MedLSAMMRML.jobs.BackgroundJob``) polled
-by a QTimer, so Slicer stays responsive; MRML is read before and written after, on the main thread.
+Localization and segmentation run in a worker process (``MedLSAMMRML.process.ProcessJob``: Slicer
+holds Python's lock in its event loop, so a thread would crawl) polled by a QTimer; MRML is read
+before (the volume written to a file) and written after, on the main thread.
 The preview lives in a separate segmentation node until Apply, which first calls
 ``saveStateForUndo()`` so Ctrl+Z restores the segment; Cancel stops a running job, then discards
 preview and box.
@@ -23,11 +24,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False  # the selected segment names the template structure
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self._core = None
         self._roi = None
         self._preview = None  # vtkOrientedImageData of the last Segment slice / range
         self._previewNode = None
-        self._job = None  # the BackgroundJob running now, and what to do with its result
+        self._job = None  # the ProcessJob running now, and what to do with its result
         self._onJobDone = None
         self._what = ""
 
@@ -148,14 +148,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.discardPreview()
 
     # -- actions ------------------------------------------------------------------------------
-    @property
-    def core(self):
-        if self._core is None:
-            from MedLSAMMRML.logic import MedLSAMCore
-
-            self._core = MedLSAMCore(slicer.mrmlScene)
-        return self._core
-
     def _nodes(self):
         editorNode = self.scriptedEffect.parameterSetNode()
         segmentationNode = editorNode.GetSegmentationNode()
@@ -165,13 +157,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             raise ValueError("Select a segmentation, its source volume and a segment first.")
         return segmentationNode, volumeNode, segmentId
 
-    def startJob(self, fn, onDone, what):
-        """Run ``fn(report)`` off the GUI thread; ``onDone(result)`` runs on the main thread."""
-        from MedLSAMMRML.jobs import BackgroundJob
-
+    def startJob(self, job, onDone, what):
+        """``job``: a ProcessJob (or BackgroundJob) already started; ``onDone(result)`` runs on the main thread."""
         if self._job is not None:
+            job.cancel()
             raise ValueError("MedLSAM is still working; wait or press Cancel.")
-        self._job, self._onJobDone = BackgroundJob(fn), onDone
+        self._job, self._onJobDone = job, onDone
         self._what = what
         self.cancelButton.enabled = True
         for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):
@@ -187,6 +178,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.pollTimer.stop()
         self._job = None
+        self._removeWorkDir(job)
         for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):
             button.enabled = True
         self.cancelButton.enabled = self._preview is not None
@@ -201,11 +193,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     self._onJobDone(value)
             except Exception as exc:
                 self.statusLabel.text = f"{self._what} failed: {exc}"
+            finally:
+                self._removeWorkDir(job)
+
+    @staticmethod
+    def _removeWorkDir(job):
+        import shutil
+
+        folder = getattr(job, "work_dir", None)
+        if folder is not None and job.done():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def onLocalize(self):
+        import json
+
         from MedLSAMLib.errors import InputError
-        from MedLSAMMRML import effect
-        from MedLSAMMRML.nodes import volume_from_node
+        from MedLSAMLib.results import Localization
+        from MedLSAMMRML import effect, process
 
         with slicer.util.tryWithErrorDisplay("MedLSAM could not localize the structure.", waitCursor=True):
             segmentationNode, volumeNode, segmentId = self._nodes()
@@ -213,14 +217,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             folder = self.scriptedEffect.parameter("TemplateFolder")
             if not folder:
                 raise InputError("Choose the template folder.")
-            volume = volume_from_node(volumeNode)  # MRML read on the main thread
-            core = self.core
             settings = self.panelSettings((folder,))
+            work = self._workDir()
+            image = process.volume_file(volumeNode, work, "volume")  # MRML read on the main thread
+            job = process.ProcessJob({"kind": "localize", "settings": settings.to_json(), "image": str(image),
+                                      "out": str(work / "boxes.json")}, work)
 
-            def localize(report):
-                return core.localizer(settings).localize(volume)
-
-            def done(result):
+            def done(path):
+                result = Localization.from_json(json.loads(path.read_text(encoding="utf-8")))
                 entry = effect.structure_entry(result, name)
                 if self._roi is not None:
                     slicer.mrmlScene.RemoveNode(self._roi)
@@ -230,7 +234,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 note = "" if entry.present else " (the templates think it is absent: check the box)"
                 self.statusLabel.text = f"{name}: box proposed, confidence {entry.confidence:.2f}{note}."
 
-            self.startJob(localize, done, f"localizing {name}")
+            self.startJob(job, done, f"localizing {name}")
+
+    @staticmethod
+    def _workDir():
+        import tempfile
+        from pathlib import Path
+
+        return Path(tempfile.mkdtemp(prefix="MedLSAM-effect-"))
 
     def _roiSliceRange(self, volumeNode):
         from MedLSAMMRML import effect
@@ -254,24 +265,35 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._segment(self.firstSliceSpinBox.value, self.lastSliceSpinBox.value)
 
     def _segment(self, first, last):
-        from MedLSAMMRML import effect
+        import dataclasses
+
+        import numpy as np
+
+        from MedLSAMLib.io import write_volume
+        from MedLSAMMRML import effect, process
 
         segmentationNode, volumeNode, segmentId = self._nodes()
         if self._roi is None:
             raise ValueError("Press Localize first (or place a box).")
         box = effect.ijk_box_from_roi(self._roi, volumeNode)
         volume, request, lo, hi = effect.prepare_box(volumeNode, box, slices=(first, last))  # main thread
-        segmenter = self.core.segmenter(*self._panelSegmenter())  # the panel's segmenter and device
+        spec, device = self._panelSegmenter()  # the panel's segmenter and device
+        work = self._workDir()
+        image = work / "volume.nrrd"
+        write_volume(volume, image, compress=False)
+        job = process.ProcessJob({"kind": "box", "segmenter": dataclasses.asdict(spec), "device": device,
+                                  "image": str(image), "request": effect.request_json(request),
+                                  "out": str(work / "labels.npy")}, work)
 
-        def done(labels):
+        def done(path):
+            labels = np.load(path, allow_pickle=False)
             self._preview = effect.preview_image(labels, volume, lo, hi)
             self._showPreview(volumeNode)
             voxels = effect.labelmap_voxel_count(self._preview)
             self.statusLabel.text = f"Preview: {voxels} voxels on slices {first}-{last}. Apply or Cancel."
             self.applyButton.enabled = self.cancelButton.enabled = True
 
-        self.startJob(lambda report: effect.run_box(volume, request, segmenter, report), done,
-                      f"segmenting slices {first}-{last}")
+        self.startJob(job, done, f"segmenting slices {first}-{last}")
 
     def _showPreview(self, volumeNode):
         from MedLSAMMRML import effect
