@@ -3,7 +3,7 @@
 1. Localize one template structure (:func:`structure_entry`) and show its box as a markups ROI
    aligned with the volume's voxel axes (:func:`roi_from_ijk_box`), which the user can drag.
 2. :func:`ijk_box_from_roi` - read the (possibly edited) ROI back as a voxel box.
-3. :func:`prepare_box` (main thread) -> :func:`run_box` (a :class:`BackgroundJob`) ->
+3. :func:`prepare_box` (main thread) -> :func:`run_box` (in a worker process, MedLSAMLib.worker) ->
    :func:`preview_image` (main thread): SAM-style segmentation of a range of slices inside that
    box, as a ``vtkOrientedImageData`` preview on the volume's grid; :func:`segment_box` chains the
    three for scripts.
@@ -74,8 +74,8 @@ def structure_entry(localization: Localization, structure: str) -> StructureResu
 
 def box_roi_for_structure(core, settings, volume_node, structure: str):
     """Localize ``structure`` with the settings' templates and localizer; (ROI node, its
-    StructureResult). Blocking: the effect runs ``core.localizer(settings).localize`` on a
-    :class:`~MedLSAMMRML.jobs.BackgroundJob` and then :func:`roi_from_ijk_box` instead."""
+    StructureResult). Blocking: the effect runs the localization in a worker process
+    (MedLSAMMRML.process.ProcessJob) and then :func:`roi_from_ijk_box` instead."""
     entry = structure_entry(core.localize(settings, volume_node), structure)
     return roi_from_ijk_box(core.scene, volume_node, entry.box_ijk, f"{structure} box"), entry
 
