@@ -226,19 +226,21 @@ def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resum
             emit({"event": "case", "index": index, "case": case})
             earlier = resumed_result(out_dir, path) if resume else None
             if earlier is None:
-                slice_bar = tqdm(total=0, desc=f"  {case} slices", unit="slice", leave=False,
-                                 disable=not show_progress)
+                slice_bar = []  # made at the first slice: a case whose masks all come from priors encodes none
 
-                def progress(done, total, _bar=slice_bar):
-                    _bar.total = total
-                    _bar.n = done
-                    _bar.refresh()
+                def progress(done, total, _bars=slice_bar, _case=case):
+                    if not _bars:
+                        _bars.append(tqdm(total=total, desc=f"  {_case} slices", unit="slice", leave=False,
+                                          disable=not show_progress))
+                    _bars[0].total, _bars[0].n = total, done
+                    _bars[0].refresh()
                     emit({"event": "slices", "done": done, "total": total})
 
                 try:
                     earlier = segment_one(cohort, path, out_dir, progress)
                 finally:
-                    slice_bar.close()
+                    for bar_ in slice_bar:
+                        bar_.close()
             results.append(earlier)
             emit({"event": "finished", "index": index, "case": case, "status": earlier.status, "error": earlier.error,
                   "seconds": round(earlier.seconds, 2)})

