@@ -33,9 +33,11 @@ def _add_template_commands(sub) -> None:
         "extreme points taken from the label map.",
     )
     fl.add_argument("--image", required=True, help="template CT (NIfTI, NRRD, MHA or DICOM folder)")
-    fl.add_argument("--labels", required=True, help="label map on the same grid as --image")
+    fl.add_argument("--labels", required=True, help="label map on the same grid as --image, or a Slicer .seg.nrrd "
+                    "(e.g. a medlsam segment output, reviewed): its segments name the structures")
     fl.add_argument("--structure", action="append", default=[], metavar="LABEL:NAME",
-                    help="structure to take, e.g. 1:Brainstem (repeat for several)")
+                    help="structure to take, e.g. 1:Brainstem (repeat for several; with a .seg.nrrd: "
+                    "optional, selects and renames segments)")
     fl.add_argument("--out", required=True, help="output template folder")
     fl.set_defaults(func=_cmd_template_from_labels)
 

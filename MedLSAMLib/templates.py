@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import POINT_NAMES, Geometry, point_axis, validate_extreme_points
-from .io import Volume, read_ct, read_json, read_labels, write_text_atomic
+from .io import Volume, read_ct, read_json, read_labels, write_text_atomic, write_volume
 from .markups import read_markups, write_markups
 from .terminology import check_terminology, terminology_for
 
@@ -222,15 +222,70 @@ def extreme_points_of_cloud(lps: np.ndarray, tol: float) -> np.ndarray:
     return out
 
 
+def segments_of(labels_path) -> dict[int, tuple[str, tuple, dict | None]] | None:
+    """A Slicer segmentation file's segments (``.seg.nrrd``, e.g. MedLSAM's own output or a
+    reviewed case): {label value: (name, colour, terminology)}; None for a plain label map."""
+    if not str(labels_path).lower().endswith(".seg.nrrd"):
+        return None
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(labels_path), skip_voxels=True)
+    except Exception as exc:  # slicerio raises plain errors on a file that is not a segmentation
+        raise InputError(f"{labels_path}: not a readable Slicer segmentation ({exc})") from None
+    out = {}
+    for segment in seg.get("segments", []):
+        if int(segment.get("layer", 0)) != 0:
+            raise InputError(f"{labels_path}: its segments overlap (several layers); export it from Slicer as a "
+                             "label map, or collapse the layers, and try again")
+        color = tuple(float(c) for c in segment.get("color", default_color(int(segment["labelValue"]))))
+        out[int(segment["labelValue"])] = (segment["name"], color, segment.get("terminology"))
+    return out
+
+
+def _usable_terminology(terminology, where) -> dict | None:
+    """A segment's terminology if it is in the form templates keep, else None (its name decides)."""
+    if not terminology:
+        return None
+    try:
+        return check_terminology(terminology, str(where))
+    except InputError:
+        return None
+
+
+def _on_image_grid(labels: Volume, image: Volume, labels_path) -> Volume:
+    """The label map on the image's grid: as it is, or pasted at a whole-voxel offset (Slicer saves a
+    segmentation cropped to its content); any other grid is refused."""
+    if labels.geometry.is_close(image.geometry, atol=1e-3):
+        return labels
+    lg, ig = labels.geometry, image.geometry
+    offset = ig.lps_to_ijk(lg.origin)
+    if (np.allclose(lg.spacing, ig.spacing, atol=1e-3) and np.allclose(lg.direction, ig.direction, atol=1e-4)
+            and np.allclose(offset, np.rint(offset), atol=1e-2)):
+        lo = np.rint(offset).astype(int)
+        hi = lo + np.asarray(lg.size)
+        if np.all(lo >= 0) and np.all(hi <= np.asarray(ig.size)):
+            array = np.zeros(ig.shape_kji, labels.array.dtype)
+            array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = labels.array
+            return Volume(array, ig, labels.name, dict(labels.meta))
+    raise InputError(f"{labels_path}: label map geometry differs from the image {image.meta.get('path', image.name)}")
+
+
 def template_from_labels(image_path, labels_path, structures: list[tuple[int, str]], out_dir,
                          windows: dict[str, tuple[float, float]] | None = None) -> Template:
-    """Derive a template (six points per structure) from a CT and its label map; write it."""
+    """Derive a template (six points per structure) from a CT and its label map; write it.
+
+    A Slicer ``.seg.nrrd`` (MedLSAM's own output, a reviewed case) names its structures itself:
+    with no ``structures`` every segment is taken, with its name, colour and terminology;
+    ``structures`` (label, name) then select and rename."""
+    segments = segments_of(labels_path)
+    if not structures and segments:
+        structures = [(label, name) for label, (name, _, _) in sorted(segments.items())]
     if not structures:
         raise InputError("name at least one structure, e.g. --structure 1:Brainstem")
     image = read_ct(image_path)
-    labels = read_labels(labels_path)
-    if not labels.geometry.is_close(image.geometry, atol=1e-3):
-        raise InputError(f"{labels_path}: label map geometry differs from the image {image_path}")
+    stored = read_labels(labels_path)
+    labels = _on_image_grid(stored, image, labels_path)
     template = Template(image_path=Path(image_path), labels_path=Path(labels_path))
     for label, name in structures:
         check_structure_name(name)
@@ -239,8 +294,13 @@ def template_from_labels(image_path, labels_path, structures: list[tuple[int, st
             present = sorted(int(v) for v in np.unique(labels.array) if v != 0)
             raise InputError(f"structure {name} (label {label}) is absent from {labels_path} (labels present: {present})")
         points = extreme_points_from_mask(mask, labels.geometry)
-        template.structures[name] = Structure(name, int(label), points, default_color(label),
-                                              (windows or {}).get(name), terminology_for(name))
+        _, color, terminology = (segments or {}).get(int(label), (name, default_color(label), None))
+        template.structures[name] = Structure(name, int(label), points, color, (windows or {}).get(name),
+                                              _usable_terminology(terminology, labels_path) or terminology_for(name))
+    if labels is not stored:  # cropped in the file: the label map on the image's grid goes beside
+        template.labels_path = Path(out_dir) / "labels.nii.gz"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_volume(labels, template.labels_path)
     save_template(template, out_dir)
     return template
 

@@ -89,3 +89,38 @@ def test_the_old_checkpoint_option_still_works_with_a_note(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["note: --checkpoint is deprecated here; use --medlam-checkpoint",
                                "medlsam: error: give --medlam-checkpoint only (--checkpoint is its deprecated name)"]
+
+
+def test_a_segment_output_becomes_a_template_with_one_command(tmp_path):
+    """A reviewed case is a better template: `template from-labels` takes MedLSAM's own .seg.nrrd,
+    names, label values, colours and terminology from its segments, and it localizes beside others."""
+    import json
+
+    ct1, labels1 = hn_case("train-pats/pt_1")
+    ct2, _ = hn_case("train-pats/pt_100")
+    ct3, _ = hn_case("train-pats/pt_101")
+    first = tmp_path / "pt_1"
+    r = run_cli("template", "from-labels", "--image", str(ct1), "--labels", str(labels1), "--structure", "1:Brainstem",
+                "--structure", "7:Mandible", "--out", str(first))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("segment", "--template", str(first), "--image", str(ct2), "--out", str(tmp_path / "out"),
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    seg = tmp_path / "out" / "pt_100_ct.seg.nrrd"
+    second = tmp_path / "pt_100"
+    r = run_cli("template", "from-labels", "--image", str(ct2), "--labels", str(seg), "--out", str(second))
+    assert r.returncode == 0, r.stderr
+    made = json.loads((second / "template.json").read_text())
+    given = json.loads((first / "template.json").read_text())
+    assert [(s["name"], s["label"], s["color"], s["terminology"]) for s in made["structures"]] == \
+        [(s["name"], s["label"], s["color"], s["terminology"]) for s in given["structures"]]
+    assert run_cli("template", "check", str(second)).returncode == 0
+    renamed = tmp_path / "renamed"
+    r = run_cli("template", "from-labels", "--image", str(ct2), "--labels", str(seg), "--structure", "7:Jaw",
+                "--out", str(renamed))
+    assert r.returncode == 0 and [s["name"] for s in json.loads((renamed / "template.json").read_text())["structures"]] == ["Jaw"]
+    r = run_cli("localize", "--template", str(first), str(second), "--image", str(ct3), "--out",
+                str(tmp_path / "boxes.json"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    boxes = json.loads((tmp_path / "boxes.json").read_text())
+    assert all(boxes["structures"][n]["present"] for n in ("Brainstem", "Mandible"))
