@@ -100,6 +100,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._progress = (0, 0, "")
         self._observedPoints = None
+        self._shownResults = []
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self):
@@ -129,6 +130,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceNote)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.addAsTemplateButton.connect("clicked(bool)", self.onAddAsTemplate)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         for name in ("superior", "inferior", "right", "left", "anterior", "posterior"):
             self.ui.replacePointComboBox.addItem(name)
@@ -387,7 +389,22 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.visible = False
             self.updateApplyButton()
 
+    def onAddAsTemplate(self):
+        """The selected case, as reviewed, becomes a template (a better one than its six points alone)."""
+        with slicer.util.tryWithErrorDisplay(_("Could not add the case as a template."), waitCursor=True):
+            rows = self.ui.resultsTable.selectionModel().selectedRows()
+            results = self._shownResults
+            if not rows or rows[0].row() >= len(results) or results[rows[0].row()].segmentation is None:
+                raise ValueError(_("Select a segmented case in the results table first."))
+            result = results[rows[0].row()]
+            folder = qt.QFileDialog.getExistingDirectory(None, _("New template folder"))
+            if not folder:
+                return
+            self.addTemplateFolder(str(self.logic.addCaseAsTemplate(result, folder, self.templateFolders())))
+            slicer.util.showStatusMessage(_("{case} added as a template").format(case=result.volume), 5000)
+
     def showResults(self, results):
+        self._shownResults = list(results)
         table = self.ui.resultsTable
         table.setRowCount(len(results))
         for row, r in enumerate(results):
@@ -504,6 +521,21 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
         if not folder or str(folder) in ("", "."):
             raise ValueError(_("Choose a template folder."))
         return save_template_set(volumeNode, structureNodes, folder)
+
+    @staticmethod
+    def addCaseAsTemplate(result, folder, templateFolders=()):
+        """A cohort result (its volume and segmentation node, as corrected) saved as a template
+        folder; label values as in the first template of the run, when there is one."""
+        from MedLSAMLib.templates import load_template
+        from MedLSAMMRML.placement import template_from_segmentation
+
+        segmentation = slicer.mrmlScene.GetNodeByID(result.segmentation or "")
+        volume = slicer.mrmlScene.GetNodeByID(result.volume_id or "")
+        if segmentation is None or volume is None:
+            raise ValueError(_("The segmentation of {case} is no longer in the scene.").format(case=result.volume))
+        labels = ({s.name: s.label for s in load_template(templateFolders[0]).structures.values()}
+                  if templateFolders else None)
+        return template_from_segmentation(volume, segmentation, folder, labels)
 
     @staticmethod
     def loadTemplate(folder):

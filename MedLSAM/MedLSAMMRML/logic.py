@@ -35,6 +35,7 @@ class VolumeResult:
     status: str  # ok, failed or cancelled
     seconds: float | None = None
     segmentation: str | None = None  # ID of the segmentation node written
+    volume_id: str | None = None  # ID of the volume node it segments
     structures: dict = field(default_factory=dict)  # name -> MedLSAMLib.results.StructureSummary
     error: str | None = None
     traceback: str | None = None  # unexpected errors only (bugs)
@@ -184,6 +185,7 @@ class CohortRun:
             entry.traceback = traceback.format_exc(limit=5)
         else:
             entry.segmentation, entry.structures = seg_node.GetID(), record.summaries()
+            entry.volume_id = node.GetID()
         self.results.append(entry)
 
     def _progress(self, index: int, stage: str) -> None:

@@ -229,6 +229,37 @@ def _write_template_labels(volume_node, volume, structures: dict, path: Path):
     return path
 
 
+def template_from_segmentation(volume_node, segmentation_node, directory, labels: dict | None = None) -> Path:
+    """A reviewed case becomes a template: the volume, each non-empty segment's six extreme points,
+    and the segments as the template's label map (names and colours kept; label values from
+    ``labels`` {name: value}, else 1, 2, ... in segment order). The folder is the CLI's format."""
+    volume = volume_from_node(volume_node)
+    segmentation = segmentation_node.GetSegmentation()
+    label_map = np.zeros(volume.geometry.shape_kji, np.uint16)
+    structures = {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(n)
+        name = check_structure_name(segment.GetName())
+        mask = segment_mask(segmentation_node, name, volume.geometry)
+        if not mask.any():
+            continue  # an empty segment (a structure the case lacks) is not a template structure
+        value = int((labels or {}).get(name, n + 1))
+        label_map[mask] = value
+        structures[name] = Structure(name, value, extreme_points_from_mask(mask, volume.geometry),
+                                     tuple(segment.GetColor()), terminology=terminology_for(name))
+    if not structures:
+        raise InputError(f"{segmentation_node.GetName()}: no segment holds any voxel")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    image_path, labels_path = directory / "image.nrrd", directory / LABELS_FILE
+    write_volume(volume, image_path)
+    write_volume(volume.with_array(label_map.astype(np.uint8) if label_map.max() < 256 else label_map, "labels"),
+                 labels_path)
+    save_template(Template(image_path, structures, labels_path=labels_path), directory)
+    volume_node.SetAttribute(TEMPLATE_ATTRIBUTE, str(directory))
+    return directory
+
+
 def load_template_set(scene, directory):
     """Load a template folder into the scene: (volume node, [point-list node per structure])."""
     from MedLSAMLib.io import read_ct

@@ -245,7 +245,7 @@ class CohortProcessRun:
         write_labels_to_segmentation(labels, self._structures, segmentation, node)
         place_under_study(self.core.scene, segmentation, node)
         return VolumeResult(node.GetName(), "ok", seconds=event.get("seconds"), segmentation=segmentation.GetID(),
-                            structures=record.summaries())
+                            volume_id=node.GetID(), structures=record.summaries())
 
     def _finish(self) -> None:
         from .logic import VolumeResult

@@ -205,3 +205,34 @@ def test_proposed_masks_can_be_corrected_and_are_saved_as_the_templates_label_ma
     again = placement.template_masks_node(scene, volume2)
     assert again is not None
     assert np.array_equal(nodes.segment_mask(again, "Mandible", image.geometry), labels.array == 7)
+
+
+def test_a_reviewed_case_becomes_a_template_that_localizes_beside_others(scene, tmp_path):
+    """'Add as template' in the results table: a case's segmentation (as corrected) and its scan."""
+    from types import SimpleNamespace
+
+    from MedLSAMLib.localizers.hybrid import HybridLocalizer
+    from MedLSAMLib.templates import template_from_labels
+
+    ct, labels_path = hn_case("train-pats/pt_100")
+    image, labels = read_ct(ct), read_labels(labels_path)
+    volume = nodes.add_volume_node(scene, image, "pt_100")
+    result = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "pt_100 MedLSAM")
+    structures = [SimpleNamespace(name="Brainstem", label=1, color=(0.9, 0.6, 0.0)),
+                  SimpleNamespace(name="Mandible", label=7, color=(0.6, 0.6, 0.6)),
+                  SimpleNamespace(name="Larynx", label=6, color=(0.2, 0.2, 0.9))]
+    only = Volume(np.where(np.isin(labels.array, [1, 7]), labels.array, 0), labels.geometry)  # no larynx voxels
+    nodes.write_labels_to_segmentation(only, structures, result, volume)
+    folder = placement.template_from_segmentation(volume, result, tmp_path / "case", {"Brainstem": 1, "Mandible": 7})
+    template = load_template(folder)
+    assert list(template.structures) == ["Brainstem", "Mandible"]  # the empty segment is left out
+    assert [s.label for s in template.structures.values()] == [1, 7]
+    assert np.allclose(template.structures["Mandible"].points,
+                       extreme_points_from_mask(labels.array == 7, labels.geometry), atol=1e-4)
+    saved = template.load_labels()
+    assert np.array_equal(saved.array == 7, labels.array == 7) and np.array_equal(saved.array == 1, labels.array == 1)
+    assert volume.GetAttribute(placement.TEMPLATE_ATTRIBUTE) == str(folder)  # the cohort skips it now
+    first = tmp_path / "pt_1"
+    template_from_labels(*hn_case("train-pats/pt_1"), [(1, "Brainstem"), (7, "Mandible")], first)
+    result = HybridLocalizer([first, folder], cache_dir=None).localize(read_ct(hn_case("train-pats/pt_101")[0]))
+    assert all(r.present for r in result.structures.values())

@@ -199,3 +199,19 @@ def test_bad_terminology_in_a_template_names_file_and_structure(tmp_path):
         with pytest.raises(InputError, match=message) as exc:
             load_template(tmp_path)
         assert "template.json" in str(exc.value) and "Brainstem" in str(exc.value)
+
+
+def test_a_label_map_cropped_on_the_cts_own_voxels_is_placed_back_on_its_grid(tmp_path):
+    """Slicer saves a segmentation cropped to its content; the voxels are the CT's, so the
+    template is the one the whole label map gives, with the label map written on the CT's grid."""
+    import SimpleITK as sitk
+
+    ct, labels = hn_case("train-pats/pt_1")
+    whole = template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "whole")
+    cropped = tmp_path / "cropped.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(labels))[10:110, 20:120, 30:], str(cropped))
+    made = template_from_labels(ct, cropped, [(7, "Mandible")], tmp_path / "made")
+    assert np.allclose(made.structures["Mandible"].points, whole.structures["Mandible"].points)
+    back = load_template(tmp_path / "made").load_labels()
+    assert back.geometry.is_close(io.read_ct(ct).geometry, atol=1e-3)
+    assert np.array_equal(back.array == 7, io.read_labels(labels).array == 7)
