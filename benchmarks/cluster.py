@@ -10,9 +10,7 @@ times come from the cases' JSON records and feed the estimate for N workers.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +19,10 @@ import numpy as np
 from MedLSAMLib.cluster import run_cohort_dask
 from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.localizers import KINDS, LocalizerSpec
-from MedLSAMLib.device import set_cpu_threads, usable_cores
+from MedLSAMLib.device import usable_cores
 from MedLSAMLib.pipeline import run_cohort
 
-from hn_templates import support_templates  # benchmarks/ is on sys.path when run as a script
+from harness import Bench, arguments, write_results  # benchmarks/ is on sys.path when run as a script
 
 
 
@@ -34,19 +32,15 @@ def stage_times(out_dir: Path, cases) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
+    ap = arguments(__doc__, "docs/bench/cluster", limit=None)
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--localizer", choices=KINDS, default="auto")
-    ap.add_argument("--out", default="docs/bench/cluster")
     args = ap.parse_args()
-    set_cpu_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    work = Path(tempfile.mkdtemp(prefix="medlsam-clusterbench-"))
-    tdirs = [str(d) for d in support_templates(hn, splits, work / "templates")]
-    images = [hn / f"{c}_ct.nii.gz" for c in splits["dev_eval_core5"][: args.cases]]
+    bench = Bench(args, "clusterbench")
+    work = bench.work
+    tdirs = [str(d) for d in bench.templates()]
+    images = [bench.ct_path(c) for c in bench.splits["dev_eval_core5"][: args.cases]]
     names = [p.name[: -len(".nii.gz")] for p in images]
     settings = RunSettings(tuple(tdirs), LocalizerSpec(args.localizer, "wpl", device="cpu"))
 
@@ -78,11 +72,7 @@ def main():
         lines.append(f"| {label} | {r['wall_s']:.0f} | {r['cases_per_hour']:.1f} | "
                      f"{s['localize']:.1f} / {s['encode']:.1f} / {s['decode']:.1f} / {s['total']:.1f} |")
     lines += ["", f"Local model loading + support features for 5 templates: {setup_local:.1f} s."]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ boxes for offline fusion studies.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,22 +17,19 @@ import numpy as np
 
 from MedLSAMLib.geometry import box_from_points, box_iou, wall_distance
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers.fusion import FusionSettings
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings
 
-from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments  # benchmarks/ is on sys.path when run as a script
 
 STAGES = ["global", "local", "final"]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__doc__, None)
     ap.add_argument("settings", nargs="?", default="{}", help="JSON of HybridSettings fields to change")
     ap.add_argument("--fusion", default="{}", help="JSON of FusionSettings fields to change")
-    ap.add_argument("--shared", default="../shared")
-    ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--queries", choices=["dev", "tune"], default="dev",
                     help="dev: the 16 dev_eval_core5 cases; tune: 30 support candidates that are not templates "
                     "(support_candidates_core5[5:35]), to choose settings before looking at dev")
@@ -43,11 +38,9 @@ def main():
                     "another set tells a bias of the method from one of these five templates (use N >= 35 with tune)")
     ap.add_argument("--dump", help="write every case's stages (per-template boxes, scores) here")
     args = ap.parse_args()
-    set_cpu_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    tdirs = support_templates(hn, splits, Path(tempfile.mkdtemp(prefix="medlsam-ablation-")),
-                              first=args.first_template)
+    bench = Bench(args, "ablation")
+    hn, splits = bench.hn, bench.splits
+    tdirs = bench.templates(first=args.first_template)
     loc = HybridLocalizer(tdirs, cache_dir=None, settings=HybridSettings(**json.loads(args.settings)),
                           fusion=FusionSettings(**json.loads(args.fusion)))
     scores = {s: [] for s in STAGES}

@@ -22,29 +22,22 @@ the hybrid localizer's misses and false boxes are counted. Seconds per query for
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from MedLSAMLib.geometry import box_from_points, box_iou, wall_distance
 from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localize import TemplateLocalizer
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.registration import RegistrationLocalizer
 from MedLSAMLib.templates import load_template_set
 
-from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, machine, write_results  # benchmarks/ is on sys.path when run as a script
 
 # Paper, StructSeg HaN, 5-shot MedLAM (IoU %): wall distance 2.4-4.0 mm.
 PAPER_IOU = {"Brainstem": 70.3, "SpinalCord": 57.7, "RightParotid": 62.7, "LeftParotid": 63.1, "Mandible": 80.9}
@@ -159,23 +152,17 @@ def summarize(per_case, arm):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
+    ap = arguments(__doc__, "docs/bench/localization")
     ap.add_argument("--supports", type=int, default=5)
     ap.add_argument("--checkpoint", default=None, help="MedLAM weights (default: shipped checkpoint)")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N queries (0 = all)")
     ap.add_argument("--arms", nargs="+", default=["medlam", "registration", "deformable", "hybrid"],
                     choices=["medlam", "registration", "deformable", "hybrid"])
     ap.add_argument("--deformable-limit", type=int, default=0, help="queries for the slow deformable arm (0 = all)")
-    ap.add_argument("--out", default="docs/bench/localization")
     args = ap.parse_args()
-    set_cpu_threads()
-
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    queries = splits["dev_eval_core5"][: args.limit or None]
-    work = Path(tempfile.mkdtemp(prefix="medlsam-bench-"))
-    tdirs = support_templates(hn, splits, work, args.supports)
+    bench = Bench(args, "bench")
+    hn, splits, work = bench.hn, bench.splits, bench.work
+    queries = bench.dev_cases()
+    tdirs = bench.templates(args.supports)
     names = [n for _, n in CORE5]
     timing = {}
 
@@ -241,7 +228,7 @@ def main():
             if any(a in r for r in per_case)]
     summary = {arm: summarize(per_case, arm) for arm in arms}
     meta = {"supports": splits["support_candidates_core5"][: args.supports], "queries": queries,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+            "machine": machine(),
             "seconds_per_query": {k: float(np.mean(v)) for k, v in timing.items()},
             "queries_per_arm": {k: len(v) for k, v in timing.items()}, "setup_s": setup}
     if presence:
@@ -250,12 +237,8 @@ def main():
             "missed": [(p["case"], p["structure"]) for p in presence if p["in_fov"] and not p["reported"]],
             "structures_out_of_fov": sum(not p["in_fov"] for p in presence),
             "false_boxes": [(p["case"], p["structure"]) for p in presence if not p["in_fov"] and p["reported"]]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "cases": per_case,
-                                                    "presence": presence}, indent=1))
-    out.with_suffix(".md").write_text(markdown(summary, meta, arms) + "\n")
-    print(markdown(summary, meta, arms))
+    write_results(args.out, {"meta": meta, "summary": summary, "cases": per_case, "presence": presence},
+                  markdown(summary, meta, arms))
 
 
 LABELS = {"medlam": "MedLAM (shipped)", "registration": "affine registration", "deformable": "deformable multi-atlas (greedy)",

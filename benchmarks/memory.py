@@ -10,24 +10,20 @@ resident set size (``ru_maxrss``), which includes torch and both models.
 """
 from __future__ import annotations
 
-import argparse
 import resource
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct, read_labels, write_segmentation, write_volume
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.preprocess import resample
 from MedLSAMLib.segment.slices import SegmentOptions
 from MedLSAMLib.settings import RunSettings
 from MedLSAMLib.templates import Structure, default_color, template_from_labels
 
-from hn_templates import CORE5  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments  # benchmarks/ is on sys.path when run as a script
 
 
 def rss_mb() -> float:
@@ -35,8 +31,7 @@ def rss_mb() -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
+    ap = arguments(__doc__, None, limit=None)
     ap.add_argument("--case", default="validation-pats/pt_201")
     ap.add_argument("--structures", nargs="+", default=[n for _, n in CORE5])
     ap.add_argument("--size", type=int, nargs=3, default=[512, 512, 600])
@@ -45,9 +40,8 @@ def main():
     ap.add_argument("--write-only", action="store_true",
                     help="measure only the output stage (.seg.nrrd + label map) with the case's reference labels")
     args = ap.parse_args()
-    set_cpu_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    work = Path(tempfile.mkdtemp(prefix="medlsam-mem-"))
+    bench = Bench(args, "mem")
+    hn, work = bench.hn, bench.work
     wanted = [(v, n) for v, n in CORE5 if n in args.structures]
     template_from_labels(hn / "train-pats/pt_1_ct.nii.gz", hn / "train-pats/pt_1_label.nii.gz", wanted, work / "t")
     small = read_ct(hn / f"{args.case}_ct.nii.gz")

@@ -9,19 +9,15 @@ an ellipsoid inscribed in it, and ``point_masks.mask_from_points`` (the product'
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from MedLSAMLib.evaluate import dice
-from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.point_masks import PointMaskSettings, mask_from_points, mask_on_image
 from MedLSAMLib.templates import extreme_points_from_mask
 
-from hn_templates import CORE5  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, write_results
 
 
 def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
@@ -35,18 +31,13 @@ def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
-    ap.add_argument("--limit", type=int, default=21)
-    ap.add_argument("--out", default="docs/bench/point_masks")
-    args = ap.parse_args()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    cases = (splits["dev_eval_core5"] + splits["support_candidates_core5"][:5])[: args.limit]
+    args = arguments(__doc__, "docs/bench/point_masks").parse_args()
+    bench = Bench(args, "pointmasks")
+    cases = (bench.splits["dev_eval_core5"] + bench.splits["support_candidates_core5"][:5])[: args.limit or None]
     settings = PointMaskSettings()
     rows, seconds = [], []
     for case in cases:
-        ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
+        ct, labels = bench.case(case)
         for value, name in CORE5:
             truth = labels.array == value
             if not truth.any():
@@ -72,11 +63,7 @@ def main():
         for a in arms) + " |")
     lines += ["", f"{len(cases)} scans, {len(rows)} structures; point mask {np.mean(seconds):.2f} s per structure "
               f"(max {np.max(seconds):.2f} s); settings {settings.key()}"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings.key(), "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"settings": settings.key(), "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,35 +9,22 @@ threshold t: at least t of the fused box lies in the scan's data (``inside_fract
 """
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
-from pathlib import Path
 
-from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 
-from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, write_results  # benchmarks/ is on sys.path when run as a script
 from localization import crop_below_brainstem
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
-    ap.add_argument("--out", default="docs/bench/presence.json")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N queries (0 = all)")
-    args = ap.parse_args()
-    set_cpu_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    loc = HybridLocalizer(support_templates(hn, splits, Path(tempfile.mkdtemp(prefix="medlsam-presence-"))),
-                          cache_dir=None)
+    args = arguments(__doc__, "docs/bench/presence").parse_args()
+    bench = Bench(args, "presence")
+    loc = HybridLocalizer(bench.templates(), cache_dir=None)
     rows = []
-    for case in splits["dev_eval_core5"][: args.limit or None]:
-        ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
+    for case in bench.dev_cases():
+        ct, labels = bench.case(case)
         cropped_ct, cropped_labels = crop_below_brainstem(ct, labels)
         found = loc.localize(cropped_ct).structures
         for value, name in CORE5:
@@ -52,7 +39,7 @@ def main():
                       "missed": sum(a and not b for a, b in zip(truth, pred)),
                       "false_boxes": sum(b and not a for a, b in zip(truth, pred))})
         print(table[-1])
-    Path(args.out).write_text(json.dumps({"thresholds": table, "rows": rows}, indent=1))
+    write_results(args.out, {"thresholds": table, "rows": rows})
 
 
 if __name__ == "__main__":

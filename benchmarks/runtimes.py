@@ -10,24 +10,17 @@ from torch's embeddings.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from MedLSAMLib.geometry import slice_boxes
-from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.preprocess import SAM_WINDOW, window_to_uint8
 from MedLSAMLib.segment.backends import LiteMedSAM
 from MedLSAMLib.segment.slices import axes, crop_window, get_slice
 
-from hn_templates import CORE5  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, machine, write_results  # benchmarks/ is on sys.path when run as a script
 
 
 def real_slices(ct, labels, limit: int):
@@ -62,19 +55,16 @@ def openvino_encoder(module, size, threads: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
+    ap = arguments(__doc__, "docs/bench/runtimes", limit=None)
     ap.add_argument("--case", default="validation-pats/pt_201")
     ap.add_argument("--slices", type=int, default=40)
-    ap.add_argument("--out", default="docs/bench/runtimes")
     args = ap.parse_args()
-    set_cpu_threads()
+    bench = Bench(args, "runtimes")
     threads = torch.get_num_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    ct, labels = read_ct(hn / f"{args.case}_ct.nii.gz"), read_labels(hn / f"{args.case}_label.nii.gz")
+    ct, labels = bench.case(args.case)
     slices = real_slices(ct, labels, args.slices)
     seg = LiteMedSAM.load("cpu")
-    work = Path(tempfile.mkdtemp(prefix="medlsam-runtimes-"))
+    work = bench.work
 
     def build(name):
         t0 = time.perf_counter()
@@ -109,25 +99,20 @@ def main():
         results[name] = row
         print(name, row, flush=True)
 
-    meta = {"case": args.case, "slices": len(slices), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{threads} threads", "torch": torch.__version__}
+    meta = {"case": args.case, "slices": len(slices), "machine": machine(), "torch": torch.__version__}
     try:
         import openvino
         import onnxruntime
         meta.update({"openvino": openvino.__version__, "onnxruntime": onnxruntime.__version__})
     except ImportError:
         pass
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runtimes": results}, indent=1) + "\n")
     lines = ["| runtime | setup s | s / slice | speed-up | max embedding diff | mask Dice vs torch |", "|---|---|---|---|---|---|"]
     base = results["torch"]["s_per_slice"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['setup_s']} | {r['s_per_slice']:.3f} | {base / r['s_per_slice']:.1f}x | "
                      f"{r.get('max_abs_embedding_diff', 0):.2e} | {r.get('mask_dice_vs_torch', 1.0):.4f} |")
     lines.append(f"\n{len(slices)} slices of {args.case}; {meta['machine']}.")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"meta": meta, "runtimes": results}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,22 +23,17 @@ only the pipeline arm's seconds are measured; the others' cost is given by slice
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import platform
 import resource
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from MedLSAMLib.evaluate import dice, hd95
 from MedLSAMLib.io import read_ct, read_labels
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.results import Localization
@@ -47,7 +42,7 @@ from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
-from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, machine, write_results  # benchmarks/ is on sys.path when run as a script
 
 PAPER_DSC = {"Brainstem": 73.3, "SpinalCord": 34.7, "RightParotid": 57.1, "LeftParotid": 59.6, "Mandible": 66.0}
 
@@ -123,9 +118,7 @@ def mean_dice(arm_scores: dict) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
-    ap.add_argument("--limit", type=int, default=16)
+    ap = arguments(__doc__, "docs/bench/segmentation")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4], help="slice steps of the curve")
     ap.add_argument("--prior-weights", type=float, nargs="*", default=[0.5, 1.0],
                     help="shape-prior weights to compare at the default step")
@@ -133,15 +126,12 @@ def main():
     ap.add_argument("--pipeline-only", action="store_true",
                     help="only the default pipeline arm (no SAM arms: about 7 s per case)")
     ap.add_argument("--runtime", default=RUNTIMES[0], choices=RUNTIMES)
-    ap.add_argument("--out", default="docs/bench/segmentation")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of an interrupted run (OUT.partial.json) and do only the cases it lacks")
     args = ap.parse_args()
-    set_cpu_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    work = Path(tempfile.mkdtemp(prefix="medlsam-segbench-"))
-    tdirs = support_templates(hn, splits, work)
+    bench = Bench(args, "segbench")
+    hn, work = bench.hn, bench.work
+    tdirs = bench.templates()
 
     t0 = time.perf_counter()
     seg = load_segmenter("litemedsam", device="cpu", runtime=args.runtime)
@@ -157,7 +147,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")  # rows so far, so a long run that dies can be read
-    queries = splits["dev_eval_core5"][: args.limit]
+    queries = bench.dev_cases()
     rows = json.loads(partial.read_text()) if args.resume and partial.is_file() else []
     rows = [r for r in rows if r["case"] in queries]
     done = {r["case"] for r in rows}
@@ -200,15 +190,12 @@ def main():
         partial.write_text(json.dumps(rows, indent=1))
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    meta = {"queries": len(rows), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads", "segmenter": seg.describe(), "default_options": defaults.__dict__,
-            "load_segmenter_s": load_segmenter_s, "prepare_templates_s": prepare_templates_s,
-            "peak_rss_mb": peak_rss_mb}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+    meta = {"queries": len(rows), "machine": machine(), "segmenter": seg.describe(),
+            "default_options": defaults.__dict__, "load_segmenter_s": load_segmenter_s,
+            "prepare_templates_s": prepare_templates_s, "peak_rss_mb": peak_rss_mb}
+    write_results(out, {"meta": meta, "rows": rows}, markdown(rows, meta))
     # (python -c "from segmentation import *; ..." re-renders the table from the JSON: markdown(rows, meta))
     partial.unlink(missing_ok=True)
-    print(markdown(rows, meta))
 
 
 def markdown(rows, meta) -> str:

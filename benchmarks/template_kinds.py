@@ -17,20 +17,12 @@ same extent (512: about 0.9 x 0.9 mm, an ordinary clinical size) before it is se
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from MedLSAMLib.device import set_cpu_threads
 from MedLSAMLib.geometry import Geometry
-from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.preprocess import resample
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings
@@ -38,21 +30,8 @@ from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions
 
-from hn_templates import CORE5, support_templates  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, machine, points_only, write_results
 from segmentation import mean_dice, scores
-
-
-def points_only(template_dir: Path, out: Path) -> Path:
-    """A copy of a template folder whose manifest names no label map (the image is referenced)."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((template_dir / "template.json").read_text())
-    manifest.pop("labels", None)
-    image = Path(manifest["image"])
-    manifest["image"] = str(image if image.is_absolute() else (template_dir / image).resolve())
-    for f in template_dir.glob("*.mrk.json"):
-        (out / f.name).write_text(f.read_text())
-    (out / "template.json").write_text(json.dumps(manifest, indent=1))
-    return out
 
 
 ARMS = ("labels", "points", "points_sam", "points_blend")
@@ -70,19 +49,13 @@ def in_plane(ct, labels, size: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default="../shared")
-    ap.add_argument("--limit", type=int, default=16)
+    ap = arguments(__doc__, "docs/bench/template_kinds")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--in-plane", type=int, default=0, help="resample each scan to N x N in-plane (0: as stored)")
-    ap.add_argument("--out", default="docs/bench/template_kinds")
     args = ap.parse_args()
-    set_cpu_threads()
-    hn = Path(args.shared) / "data" / "openkbp_hn"
-    splits = json.loads((hn / "splits.json").read_text())
-    work = Path(tempfile.mkdtemp(prefix="medlsam-kinds-"))
-    label_dirs = support_templates(hn, splits, work / "labels")
-    point_dirs = [points_only(d, work / "points" / d.name) for d in label_dirs]
+    bench = Bench(args, "kinds")
+    label_dirs = bench.templates(folder="labels")
+    point_dirs = [points_only(d, bench.work / "points" / d.name) for d in label_dirs]
     seg = load_segmenter("litemedsam", device="cpu")
     defaults = SegmentOptions()
     setups = {"labels": (label_dirs, HybridSettings(), defaults),
@@ -98,8 +71,8 @@ def main():
         cohorts[arm] = CohortSegmenter(localizer, seg, options)
 
     rows = []
-    for n, case in enumerate(splits["dev_eval_core5"][: args.limit], 1):
-        ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
+    for n, case in enumerate(bench.dev_cases(), 1):
+        ct, labels = bench.case(case)
         if args.in_plane:
             ct, labels = in_plane(ct, labels, args.in_plane)
         sp = labels.geometry.spacing[::-1]
@@ -111,14 +84,9 @@ def main():
         rows.append(row)
         print(f"[{n}] {case}: " + ", ".join(f"{a} {mean_dice(s):.3f} ({row['timing_s'][a]['total']:.1f} s)"
                                              for a, s in row["arms"].items()), flush=True)
-    meta = {"queries": len(rows), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "prepare_templates_s": prepare_s, "scan_size": list(ct.geometry.size),
-            "scan_spacing": np.round(ct.geometry.spacing, 3).tolist()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
-    print(markdown(rows, meta))
+    meta = {"queries": len(rows), "machine": machine(), "prepare_templates_s": prepare_s,
+            "scan_size": list(ct.geometry.size), "scan_spacing": np.round(ct.geometry.spacing, 3).tolist()}
+    write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
 def markdown(rows, meta) -> str:

@@ -89,3 +89,25 @@ def test_segmentation_benchmark_pipeline_arm(tmp_path):
     dice = [v["dice"] for v in rows[0]["arms"]["pipeline"].values()]
     assert len(dice) == 5 and 0.3 < sum(dice) / 5 <= 1.0  # the default path segments a held-out scan
     assert "| **mean** |" in out.with_suffix(".md").read_text()
+
+
+def test_point_mask_benchmark(tmp_path):
+    out = tmp_path / "pm"
+    run_script("point_masks.py", "--limit", "1", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 5 and all(r["dice"]["point_mask"] > r["dice"]["box"] for r in rows), rows
+    assert "| **mean** |" in out.with_suffix(".md").read_text()
+
+
+def test_template_kinds_and_count_benchmarks(tmp_path):
+    out = tmp_path / "kinds"
+    run_script("template_kinds.py", "--limit", "1", "--arms", "labels", "points", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert list(rows[0]["arms"]) == ["labels", "points"]
+    for arm in ("labels", "points"):
+        assert 0.4 < sum(v["dice"] for v in rows[0]["arms"][arm].values()) / 5 <= 1.0, rows
+    out = tmp_path / "count"
+    run_script("template_count.py", "--limit", "1", "--counts", "1", "2", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["kind"], r["templates"]) for r in rows] == [("labels", 1), ("labels", 2), ("points", 1), ("points", 2)]
+    assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["iou"] <= 1.0 for r in rows)
