@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 from MedLSAMLib.geometry import box_from_points, box_iou, wall_distance
 from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk
-from MedLSAMLib.localize import TemplateLocalizer
+from MedLSAMLib.localizers.medlam import MedLAMLocalizer
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.registration import RegistrationLocalizer
 from MedLSAMLib.templates import load_template_set
@@ -175,7 +175,7 @@ def main():
     setup = {}
     if "medlam" in args.arms:
         t0 = time.perf_counter()
-        medlam = TemplateLocalizer(tdirs, mode="wpl", checkpoint=args.checkpoint, device="cpu")
+        medlam = MedLAMLocalizer(tdirs, mode="wpl", checkpoint=args.checkpoint, device="cpu")
         setup["medlam"] = time.perf_counter() - t0
     if "hybrid" in args.arms:
         cache = work / "cache"

@@ -56,9 +56,9 @@ class LocalizerSpec:
         if support is not None and kind != "medlam":
             raise InputError(f"precomputed support features are MedLAM's, not the {kind} localizer's")
         if kind == "medlam":
-            from ..localize import TemplateLocalizer
+            from .medlam import MedLAMLocalizer
 
-            return TemplateLocalizer(template_dirs, mode=self.mode, checkpoint=self.medlam_checkpoint, device=str(dev),
+            return MedLAMLocalizer(template_dirs, mode=self.mode, checkpoint=self.medlam_checkpoint, device=str(dev),
                                      structures=structures, support=support)
         if kind == "hybrid":
             from .hybrid import HybridLocalizer

@@ -11,7 +11,7 @@ import torch
 
 from ..geometry import box_from_extreme_points, box_from_points, box_lps_to_ijk
 from ..io import Volume, read_ct
-from ..registration import map_template_points
+from .affine_registration import map_template_points
 from ..results import Localization, StructureResult
 from ..templates import load_template_set
 from .fusion import fuse_boxes

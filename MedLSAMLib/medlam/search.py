@@ -107,7 +107,7 @@ class SupportSet:
         return replace(self, kernels=[k.to(device) for k in self.kernels])
 
 
-class Localizer:
+class LandmarkSearch:
     def __init__(self, model: MedLAM, device: torch.device | str = "cpu", options: SearchOptions | None = None):
         self.model = model.eval().to(device)
         self.device = torch.device(device)

@@ -10,9 +10,9 @@ import torch
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import POINT_NAMES, Geometry, box_lps_to_ijk, point_axis
 from MedLSAMLib.io import Volume, read_ct
-from MedLSAMLib.localize import TemplateLocalizer
+from MedLSAMLib.localizers.medlam import MedLAMLocalizer
 from MedLSAMLib.medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam
-from MedLSAMLib.medlam.search import Localizer
+from MedLSAMLib.medlam.search import LandmarkSearch
 from MedLSAMLib.templates import template_from_labels
 
 from conftest import hn_case
@@ -31,7 +31,7 @@ def pt1_template(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wpl(pt1_template):
-    return TemplateLocalizer([pt1_template], mode="wpl", device="cpu")
+    return MedLAMLocalizer([pt1_template], mode="wpl", device="cpu")
 
 
 def shifted(volume: Volume, shift_ijk) -> Volume:
@@ -86,7 +86,7 @@ def test_result_format_and_geometry(wpl):
 
 
 def test_spl_gives_stacked_sub_boxes(pt1_template):
-    loc = TemplateLocalizer([pt1_template], mode="spl", device="cpu", structures=["SpinalCord"])
+    loc = MedLAMLocalizer([pt1_template], mode="spl", device="cpu", structures=["SpinalCord"])
     assert loc.support.parts["SpinalCord"] == 6  # 180 mm cord, 6 mm parts, capped at 6
     res = loc.localize(hn_case("validation-pats/pt_202")[0])
     subs = np.array(res.structures["SpinalCord"].sub_boxes_lps)
@@ -135,5 +135,5 @@ def test_shipped_checkpoint_is_small_and_verified():
     assert DEFAULT_CHECKPOINT.stat().st_size < 25 * 1024 * 1024
     model = load_medlam()
     assert model.config.base_channels == 8
-    loc = Localizer(model)
+    loc = LandmarkSearch(model)
     assert loc.scales == (4, 2)

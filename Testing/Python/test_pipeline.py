@@ -6,7 +6,7 @@ import pytest
 import slicerio
 
 from MedLSAMLib.io import read_labels
-from MedLSAMLib.localize import TemplateLocalizer
+from MedLSAMLib.localizers.medlam import MedLAMLocalizer
 from MedLSAMLib.pipeline import CohortSegmenter, is_complete, list_cohort, run_cohort
 from MedLSAMLib.templates import template_from_labels
 from MedLSAMLib.errors import InputError
@@ -20,7 +20,7 @@ def cohort(tmp_path_factory):
     ct, labels = hn_case("train-pats/pt_1")
     tpl = tmp_path_factory.mktemp("tpl")
     template_from_labels(ct, labels, [(7, "Mandible"), (2, "SpinalCord")], tpl)
-    localizer = TemplateLocalizer([tpl], mode="wpl", device="cpu")
+    localizer = MedLAMLocalizer([tpl], mode="wpl", device="cpu")
     return CohortSegmenter(localizer, ThresholdSegmenter())
 
 

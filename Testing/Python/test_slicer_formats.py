@@ -81,7 +81,7 @@ def test_seg_nrrd_of_a_head_and_neck_template_carries_terminology_slicer_reads(s
     with slicerio and with Slicer's own storage node: the standard codes survive."""
     import slicerio
 
-    from MedLSAMLib.localize import TemplateLocalizer
+    from MedLSAMLib.localizers.medlam import MedLAMLocalizer
     from MedLSAMLib.pipeline import CohortSegmenter
     from MedLSAMLib.terminology import to_slicer_string
 
@@ -93,7 +93,7 @@ def test_seg_nrrd_of_a_head_and_neck_template_carries_terminology_slicer_reads(s
                                     tmp_path / "tpl")
     assert load_template(tmp_path / "tpl").structures["RightParotid"].terminology == template.structures[
         "RightParotid"].terminology  # kept in template.json
-    cohort = CohortSegmenter(TemplateLocalizer([tmp_path / "tpl"], mode="wpl", device="cpu"), ThresholdSegmenter())
+    cohort = CohortSegmenter(MedLAMLocalizer([tmp_path / "tpl"], mode="wpl", device="cpu"), ThresholdSegmenter())
     result = cohort.segment_case(hn_case("validation-pats/pt_201")[0], tmp_path / "out")
     path = tmp_path / "out" / f"{result.case}.seg.nrrd"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .io import Volume, to_sitk
-from .templates import Template
+from ..io import Volume, to_sitk
+from ..templates import Template
 
 
 def register_affine(fixed: Volume, moving: Volume, seed: int = 2023) -> sitk.Transform:

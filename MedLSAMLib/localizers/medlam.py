@@ -7,16 +7,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .device import resolve_device
-from .errors import InputError
-from .io import Volume, read_ct
-from .medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
-from .medlam.search import Localizer, SearchOptions, SupportSet, prepare
-from .results import Localization
-from .templates import Template, load_template
+from ..device import resolve_device
+from ..errors import InputError
+from ..io import Volume, read_ct
+from ..medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
+from ..medlam.search import LandmarkSearch, SearchOptions, SupportSet, prepare
+from ..results import Localization
+from ..templates import Template, load_template
 
 
-class TemplateLocalizer:
+class MedLAMLocalizer:
     """Loads the network and the templates' support features once; localizes any number of CTs.
 
     ``support`` skips the (slow) support computation when the features were computed already for
@@ -35,7 +35,7 @@ class TemplateLocalizer:
         self.checkpoint_sha256 = sha256(self.checkpoint)  # once, not per query
         opts = options or SearchOptions()
         opts.mode = mode
-        self.localizer = Localizer(model, self.device, opts)
+        self.localizer = LandmarkSearch(model, self.device, opts)
         self.templates: list[Template] = [load_template(d) for d in template_dirs]
         if not self.templates:
             raise InputError("give at least one --template")
