@@ -229,12 +229,14 @@ def run_cohort(cohort: CohortSegmenter, images: list[Path], out_dir: Path, resum
                 slice_bar = []  # made at the first slice: a case whose masks all come from priors encodes none
 
                 def progress(done, total, _bars=slice_bar, _case=case):
+                    emit({"event": "slices", "done": done, "total": total})
+                    if not total:  # nothing to encode (every structure has a prior): no bar
+                        return
                     if not _bars:
                         _bars.append(tqdm(total=total, desc=f"  {_case} slices", unit="slice", leave=False,
                                           disable=not show_progress))
                     _bars[0].total, _bars[0].n = total, done
                     _bars[0].refresh()
-                    emit({"event": "slices", "done": done, "total": total})
 
                 try:
                     earlier = segment_one(cohort, path, out_dir, progress)
