@@ -44,6 +44,36 @@ def load_segmenter_choice(choice: SegmenterChoice, device="cpu"):
     return choice.load(device) if isinstance(choice, SegmenterSpec) else choice(str(device))
 
 
+class LazySegmenter:
+    """A segmenter loaded at its first use. With the default options every structure's mask is
+    carried from the templates (label maps or masks made from six points) and no slice is
+    encoded, so a run loads no model at all; one that needs SAM loads it then, once."""
+
+    def __init__(self, choice: SegmenterChoice, device="cpu"):
+        self.choice, self.device = choice, device
+        self._model = None
+
+    @property
+    def loaded(self):
+        """The segmenter, loaded now if it was not."""
+        if self._model is None:
+            self._model = load_segmenter_choice(self.choice, self.device)
+        return self._model
+
+    def embed(self, images):
+        return self.loaded.embed(images)
+
+    def decode(self, embedding, boxes, shape):
+        return self.loaded.decode(embedding, boxes, shape)
+
+    def describe(self) -> dict:
+        """The model's own description once loaded; before, what was chosen (nothing ran)."""
+        if self._model is not None:
+            return self._model.describe()
+        name = self.choice.name if isinstance(self.choice, SegmenterSpec) else getattr(self.choice, "__name__", "custom")
+        return {"name": name, "loaded": False}
+
+
 @dataclass
 class RunSettings:
     """Templates, localizer, segmenter, device and segmentation options of one run."""
@@ -81,8 +111,13 @@ class RunSettings:
         from .pipeline import CohortSegmenter
 
         localizer = self.build_localizer(support)
-        return CohortSegmenter(localizer, segmenter or load_segmenter_choice(self.segmenter, localizer.device),
-                               self.options)
+        if segmenter is None:
+            # a user's checkpoint is loaded (and so checked) before the batch starts; the shipped
+            # LiteMedSAM only when some structure has no carried mask
+            carried = getattr(localizer, "gives_priors", False) and self.options.prior_weight >= 1.0
+            lazy = carried and isinstance(self.segmenter, SegmenterSpec) and self.segmenter.checkpoint is None
+            segmenter = (LazySegmenter if lazy else load_segmenter_choice)(self.segmenter, localizer.device)
+        return CohortSegmenter(localizer, segmenter, self.options)
 
     def client_support(self):
         """What a Dask client computes once for every worker: MedLAM's support features (CPU), or

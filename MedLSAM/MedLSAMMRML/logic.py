@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from MedLSAMLib.errors import USER_ERRORS, Cancelled
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.results import CaseRecord, Localization
-from MedLSAMLib.settings import RunSettings, SegmenterChoice, SegmenterSpec, load_segmenter_choice
+from MedLSAMLib.settings import LazySegmenter, RunSettings, SegmenterChoice, SegmenterSpec
 
 from .jobs import BackgroundJob
 from .nodes import place_under_study, volume_from_node, write_labels_to_segmentation
@@ -63,8 +63,8 @@ class MedLSAMCore:
     def segmenter(self, choice: SegmenterChoice = SegmenterSpec(), device="cpu"):
         """A segmenter (``RunSettings.segmenter``: a spec or a factory) on ``device``, kept between runs."""
         key = (choice, str(device))
-        if key not in self._segmenters:
-            self._segmenters[key] = load_segmenter_choice(choice, device)
+        if key not in self._segmenters:  # loaded at its first use: carried masks need no model
+            self._segmenters[key] = LazySegmenter(choice, device)
         return self._segmenters[key]
 
     def cohort_segmenter(self, settings: RunSettings, segmenter=None) -> CohortSegmenter:

@@ -114,3 +114,13 @@ def test_a_points_only_template_gives_the_segmenter_a_prior_for_every_structure(
     assert present == {name for _, name in CORE5}
     assert set(result.priors) == present
     assert all(prob.max() > 0.5 for _, prob in result.priors.values())
+
+
+def test_no_model_is_loaded_when_every_structure_has_a_carried_mask(tmp_path):
+    from MedLSAMLib.localizers import LocalizerSpec
+    from MedLSAMLib.settings import RunSettings
+
+    template = points_only_template(tmp_path)
+    cohort = RunSettings((str(template),), LocalizerSpec(device="cpu", cache_dir=None)).build()
+    labels, record = cohort.segment_volume(read_ct(hn_case("train-pats/pt_100")[0]))
+    assert labels.any() and record.models["segmenter"] == {"name": "litemedsam", "loaded": False}
