@@ -252,7 +252,8 @@ def _add_segment_command(sub) -> None:
     p.add_argument("--prompt", choices=["shape", "box"], default=SegmentOptions.prompt,
                    help="shape (default): one box per slice from the localized shape; box: the 3D box on every slice")
     p.add_argument("--prior-weight", type=float, default=SegmentOptions.prior_weight, metavar="W",
-                   help="weight of the templates' mapped masks (templates with label maps) against SAM: "
+                   help="weight of the templates' masks carried onto the scan (label maps, or masks made from the six "
+                   "points) against SAM: "
                    f"(1-W) x SAM + W x prior (default {SegmentOptions.prior_weight:g}; 0 = SAM alone)")
     p.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes slice by slice")
