@@ -31,9 +31,14 @@ def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
 
 
 def main():
-    args = arguments(__doc__, "docs/bench/point_masks").parse_args()
+    ap = arguments(__doc__, "docs/bench/point_masks")
+    ap.add_argument("--scans", choices=["dev", "other"], default="dev",
+                    help="dev: the 16 dev scans and the 5 protocol templates (where the maker's settings were "
+                    "chosen); other: 30 support candidates that are neither (support_candidates_core5[5:35])")
+    args = ap.parse_args()
     bench = Bench(args, "pointmasks")
-    cases = (bench.splits["dev_eval_core5"] + bench.splits["support_candidates_core5"][:5])[: args.limit or None]
+    cases = (bench.splits["dev_eval_core5"] + bench.splits["support_candidates_core5"][:5] if args.scans == "dev"
+             else bench.splits["support_candidates_core5"][5:35])[: args.limit or None]
     settings = PointMaskSettings()
     rows, seconds = [], []
     for case in cases:
