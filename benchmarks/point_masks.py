@@ -9,6 +9,7 @@ an ellipsoid inscribed in it, and ``point_masks.mask_from_points`` (the product'
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -35,11 +36,12 @@ def main():
     ap.add_argument("--scans", choices=["dev", "other"], default="dev",
                     help="dev: the 16 dev scans and the 5 protocol templates (where the maker's settings were "
                     "chosen); other: 30 support candidates that are neither (support_candidates_core5[5:35])")
+    ap.add_argument("--settings", default="{}", help="JSON of PointMaskSettings fields to change")
     args = ap.parse_args()
     bench = Bench(args, "pointmasks")
     cases = (bench.splits["dev_eval_core5"] + bench.splits["support_candidates_core5"][:5] if args.scans == "dev"
              else bench.splits["support_candidates_core5"][5:35])[: args.limit or None]
-    settings = PointMaskSettings()
+    settings = PointMaskSettings(**json.loads(args.settings))
     rows, seconds = [], []
     for case in cases:
         ct, labels = bench.case(case)

@@ -161,6 +161,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """``job``: a ProcessJob (or BackgroundJob) already started; ``onDone(result)`` runs on the main thread."""
         if self._job is not None:
             job.cancel()
+            self._removeWorkDir(job)
             raise ValueError("MedLSAM is still working; wait or press Cancel.")
         self._job, self._onJobDone = job, onDone
         self._what = what
@@ -178,30 +179,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.pollTimer.stop()
         self._job = None
-        self._removeWorkDir(job)
         for button in (self.localizeButton, self.segmentSliceButton, self.segmentRangeButton):
             button.enabled = True
         self.cancelButton.enabled = self._preview is not None
-        if state == "cancelled":  # also a job that finished after Cancel or after the effect was left
-            self.statusLabel.text = "Cancelled."
-        elif state == "failed":
-            self.statusLabel.text = f"{self._what} failed: {value}"
-            slicer.util.errorDisplay(f"MedLSAM could not finish {self._what}: {value}")
-        else:
-            try:  # tryWithErrorDisplay shows the error, then re-raises: not out of a timer slot
+        try:
+            if state == "cancelled":  # also a job that finished after Cancel or after the effect was left
+                self.statusLabel.text = "Cancelled."
+            elif state == "failed":
+                self.statusLabel.text = f"{self._what} failed: {value}"
+                slicer.util.errorDisplay(f"MedLSAM could not finish {self._what}: {value}")
+            else:  # onDone reads the job's output file: the folder goes only after it
                 with slicer.util.tryWithErrorDisplay(f"MedLSAM could not finish {self._what}.", waitCursor=True):
                     self._onJobDone(value)
-            except Exception as exc:
-                self.statusLabel.text = f"{self._what} failed: {exc}"
-            finally:
-                self._removeWorkDir(job)
+        except Exception as exc:  # tryWithErrorDisplay showed it and re-raised: not out of a timer slot
+            self.statusLabel.text = f"{self._what} failed: {exc}"
+        finally:
+            self._removeWorkDir(job)
 
     @staticmethod
     def _removeWorkDir(job):
         import shutil
 
         folder = getattr(job, "work_dir", None)
-        if folder is not None and job.done():
+        if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
     def onLocalize(self):

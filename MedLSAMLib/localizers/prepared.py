@@ -64,8 +64,8 @@ class HybridSettings:
     # cannot say where it ends. See fusion.extend_open_faces.
     open_face_voxels: float = 2.5
     # A structure without a label-map mask gets one made from its six points on the template's
-    # own CT (point_masks), carried onto each scan like a label map's: 35 -> see docs/results.md.
-    # None: its shape stays the six points (the segmenter then has no prior for it).
+    # own CT (point_masks), carried onto each scan like a label map's (six-point templates: 34 ->
+    # 60 % Dice on dev, docs/results.md). None: its shape stays the six points (no prior for it).
     point_masks: PointMaskSettings | None = field(default_factory=PointMaskSettings)
     seed: int = 2023
 
@@ -107,11 +107,6 @@ def _values_at(working, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     image = QueryImage.from_array(array, geometry, validity_kji=valid)
     vals, ok = image.sample(torch.as_tensor(points, dtype=torch.float32)[None])
     return vals[0].numpy(), ok[0].numpy()
-
-
-def _mask_cloud(labels: Volume, value: int) -> np.ndarray:
-    kji = np.argwhere(labels.array == value)
-    return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))
 
 
 def _block_cloud(mask: np.ndarray, ijk_to_lps: np.ndarray) -> np.ndarray:
@@ -174,12 +169,12 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
         crop = {}
-        cloud = _mask_cloud(labels, s.label) if labels is not None else np.zeros((0, 3))
-        if len(cloud):
+        mask = None
+        if labels is not None and np.any(labels.array == s.label):
             mask, matrix = mask_crop(labels, s.label)
         elif settings.point_masks is not None:
             mask, matrix = mask_from_points(image, s.points, settings.point_masks)
-            cloud = _block_cloud(mask, matrix)
+        cloud = _block_cloud(mask, matrix) if mask is not None else np.zeros((0, 3))
         if len(cloud):
             crop = {"mask": mask, "mask_ijk_to_lps": matrix}
             if len(cloud) > settings.shape_points:
