@@ -36,8 +36,11 @@ def _add_template_commands(sub) -> None:
     fl.add_argument("--labels", required=True, help="label map on the same grid as --image, or a Slicer .seg.nrrd "
                     "(e.g. a medlsam segment output, reviewed): its segments name the structures")
     fl.add_argument("--structure", action="append", default=[], metavar="LABEL:NAME",
-                    help="structure to take, e.g. 1:Brainstem (repeat for several; with a .seg.nrrd: "
-                    "optional, selects and renames segments)")
+                    help="structure to take, e.g. 1:Brainstem (repeat for several; with a .seg.nrrd or "
+                    "--color-table: optional, selects and renames)")
+    fl.add_argument("--color-table", metavar="FILE",
+                    help="the label map's colour table (Slicer .ctbl/.txt, or ITK-SNAP label descriptions): "
+                    "names and colours of its labels; every label in the map that it names is taken")
     fl.add_argument("--out", required=True, help="output template folder")
     fl.set_defaults(func=_cmd_template_from_labels)
 
@@ -50,7 +53,7 @@ def _cmd_template_from_labels(args) -> int:
     from .templates import parse_structure_spec, template_from_labels
 
     specs = [parse_structure_spec(s) for s in args.structure]
-    template = template_from_labels(args.image, args.labels, specs, args.out)
+    template = template_from_labels(args.image, args.labels, specs, args.out, color_table=args.color_table)
     print(f"wrote template with {len(template.structures)} structure(s) to {args.out}")
     for s in template.structures.values():
         print(f"  {s.label:>3}  {s.name}")
@@ -104,11 +107,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _add_device_option(p) -> None:
+def _add_device_option(p, deprecated_checkpoint: bool = False) -> None:
+    """--device; with ``deprecated_checkpoint`` also the hidden old ``--checkpoint`` (see
+    :func:`_start_heavy_command`)."""
     from .device import DEVICES
 
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default): a CUDA GPU when there is one, else the CPU with all usable cores")
+    if deprecated_checkpoint:
+        p.add_argument("--checkpoint", dest="old_checkpoint", help=argparse.SUPPRESS)
 
 
 def _add_localizer_options(p) -> None:
@@ -132,9 +139,13 @@ def _add_localizer_options(p) -> None:
                    "'none' to disable)")
 
 
-def _deprecated_checkpoint(args, new_name: str, dest: str) -> None:
-    """``--checkpoint`` meant the MedLAM weights in localize and the SAM weights in segment; it
-    still works, with a note naming the unambiguous option."""
+def _start_heavy_command(args, new_name: str, dest: str) -> None:
+    """Before localize or segment: the CPU thread count, and the deprecated ``--checkpoint``
+    (it meant the MedLAM weights in localize and the SAM weights in segment; it still works,
+    with a note naming the unambiguous option)."""
+    from .device import set_cpu_threads
+
+    set_cpu_threads()
     if getattr(args, "old_checkpoint", None):
         print(f"note: --checkpoint is deprecated here; use {new_name}", file=sys.stderr)
         if getattr(args, dest):
@@ -162,18 +173,15 @@ def _add_localize_command(sub) -> None:
     p.add_argument("--image", required=True, help="query CT")
     p.add_argument("--out", required=True, help="output JSON file")
     _add_localizer_options(p)
-    p.add_argument("--checkpoint", dest="old_checkpoint", help=argparse.SUPPRESS)  # deprecated name, see below
-    _add_device_option(p)
+    _add_device_option(p, deprecated_checkpoint=True)
     p.set_defaults(func=_cmd_localize)
 
 
 def _cmd_localize(args) -> int:
-    from .device import set_cpu_threads
     from .io import read_ct, write_text_atomic
     from .results import json_text
 
-    _deprecated_checkpoint(args, "--medlam-checkpoint", "medlam_checkpoint")
-    set_cpu_threads()
+    _start_heavy_command(args, "--medlam-checkpoint", "medlam_checkpoint")
     image = read_ct(args.image)  # a bad image fails before any template work
     loc = _localizer_spec(args).build(args.template)
     result = loc.localize(image)
@@ -235,8 +243,7 @@ def _add_segment_command(sub) -> None:
                    help="litemedsam (default; weights shipped), or SAM / MedSAM ViT-B with --segmenter-checkpoint")
     p.add_argument("--segmenter-checkpoint", dest="checkpoint",
                    help="SAM / MedSAM ViT-B weights (for --segmenter sam-vit-b / medsam-vit-b)")
-    p.add_argument("--checkpoint", dest="old_checkpoint", help=argparse.SUPPRESS)  # deprecated name, see below
-    _add_device_option(p)
+    _add_device_option(p, deprecated_checkpoint=True)
     p.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
     p.add_argument("--executor", choices=["local", "dask"], default="local",
                    help="local (default): this process; dask: one task per case on a Dask cluster "
@@ -265,14 +272,12 @@ def _add_segment_command(sub) -> None:
 def _cmd_segment(args) -> int:
     from pathlib import Path
 
-    from .device import set_cpu_threads
     from .pipeline import list_cohort, prepare_out_dir, run_cohort
     from .results import REVIEW_BELOW
     from .segment.slices import SegmentOptions
     from .settings import RunSettings, SegmenterSpec
 
-    _deprecated_checkpoint(args, "--segmenter-checkpoint", "checkpoint")
-    set_cpu_threads()
+    _start_heavy_command(args, "--segmenter-checkpoint", "checkpoint")
     images = list_cohort(args.image, args.images_dir)
     prepare_out_dir(args.out)  # before any model is loaded: a wrong --out fails at once
     if args.executor == "local" and (args.scheduler or args.workers):

@@ -170,6 +170,15 @@ def radiological_axial(array: np.ndarray, geometry: Geometry, index: int) -> np.
     return view
 
 
+def rotation_xyz(ax: float, ay: float, az: float) -> np.ndarray:
+    """3x3 rotation by ``ax``, ``ay``, ``az`` radians about x, then y, then z (Rz Ry Rx)."""
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 def map_points(points, source: Geometry, target: Geometry) -> np.ndarray:
     """Continuous ijk in ``source`` -> continuous ijk in ``target`` (through LPS)."""
     return target.lps_to_ijk(source.ijk_to_lps(points))

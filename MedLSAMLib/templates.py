@@ -243,6 +243,56 @@ def segments_of(labels_path) -> dict[int, tuple[str, tuple, dict | None]] | None
     return out
 
 
+def read_color_table(path) -> dict[int, tuple[str, tuple, None]]:
+    """A label map's colour table: {label value: (name, colour 0..1, None)}. Reads Slicer's colour
+    tables (``.ctbl`` / ``.txt``: ``value name R G B A``, 0-255; ``.csv`` with the columns
+    LabelValue, Name, Color_R, Color_G, Color_B as Slicer 5.6+ saves them) and ITK-SNAP label
+    descriptions (``value R G B A visible mesh "name"``). Value 0 (background) is left out.
+    Names are read as text only; a name that cannot be a structure name fails when it is used."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable colour table ({exc.__class__.__name__})") from None
+    rows = _csv_color_rows(lines) if lines and lines[0].startswith("LabelValue,") else _text_color_rows(lines)
+    out = {}
+    for number, row in rows:
+        try:
+            value, name, rgb = row()
+            color = tuple(round(int(c) / 255.0, 4) for c in rgb)
+        except (ValueError, IndexError, KeyError):
+            raise InputError(f"{path}, line {number}: expected 'value name R G B A' (Slicer colour table), a "
+                             "Slicer CSV colour table row or an ITK-SNAP label line") from None
+        if value != 0:
+            out[value] = (name, color, None)
+    if not out:
+        raise InputError(f"{path}: the colour table names no label (only comments or background)")
+    return out
+
+
+def _text_color_rows(lines):
+    """(line number, parser) per entry of a Slicer .ctbl/.txt or ITK-SNAP label file."""
+    import shlex
+
+    def parse(line):
+        fields = shlex.split(line)
+        if '"' in line:  # ITK-SNAP: value R G B A visible mesh "name"
+            return int(fields[0]), fields[7], fields[1:4]
+        return int(fields[0]), " ".join(fields[1:-4]), fields[-4:-1]  # Slicer: value name R G B A
+
+    return [(n, lambda line=line: parse(line)) for n, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _csv_color_rows(lines):
+    """(line number, parser) per row of a Slicer CSV colour table."""
+    import csv
+
+    def parse(row):
+        return int(row["LabelValue"]), row["Name"], [row["Color_R"], row["Color_G"], row["Color_B"]]
+
+    return [(n, lambda row=row: parse(row)) for n, row in enumerate(csv.DictReader(lines), 2)]
+
+
 def _usable_terminology(terminology, where) -> dict | None:
     """A segment's terminology if it is in the form templates keep, else None (its name decides)."""
     if not terminology:
@@ -272,19 +322,28 @@ def _on_image_grid(labels: Volume, image: Volume, labels_path) -> Volume:
 
 
 def template_from_labels(image_path, labels_path, structures: list[tuple[int, str]], out_dir,
-                         windows: dict[str, tuple[float, float]] | None = None) -> Template:
+                         windows: dict[str, tuple[float, float]] | None = None, color_table=None) -> Template:
     """Derive a template (six points per structure) from a CT and its label map; write it.
 
     A Slicer ``.seg.nrrd`` (MedLSAM's own output, a reviewed case) names its structures itself:
     with no ``structures`` every segment is taken, with its name, colour and terminology;
-    ``structures`` (label, name) then select and rename."""
+    ``structures`` (label, name) then select and rename. A plain label map does the same with a
+    ``color_table`` (see :func:`read_color_table`): every label in the map that the table names."""
     segments = segments_of(labels_path)
-    if not structures and segments:
-        structures = [(label, name) for label, (name, _, _) in sorted(segments.items())]
-    if not structures:
-        raise InputError("name at least one structure, e.g. --structure 1:Brainstem")
+    if color_table is not None:
+        if segments is not None:
+            raise InputError(f"{labels_path} names its segments itself; a colour table is for a plain label map")
+        segments = read_color_table(color_table)
     image = read_ct(image_path)
     stored = read_labels(labels_path)
+    if not structures and segments:
+        in_map = set(int(v) for v in np.unique(stored.array)) if color_table is not None else set(segments)
+        structures = [(label, name) for label, (name, _, _) in sorted(segments.items()) if label in in_map]
+        if not structures:
+            raise InputError(f"{color_table}: none of its labels is in {labels_path}")
+    if not structures:
+        raise InputError("name at least one structure, e.g. --structure 1:Brainstem, or give the label map's "
+                         "--color-table")
     labels = _on_image_grid(stored, image, labels_path)
     template = Template(image_path=Path(image_path), labels_path=Path(labels_path))
     for label, name in structures:

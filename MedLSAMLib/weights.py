@@ -3,6 +3,8 @@
 one-line errors in the user's terms."""
 from __future__ import annotations
 
+import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -25,3 +27,12 @@ def load_weights(path: str | Path, what: str = "checkpoint"):
                              "MedLSAM loads weights only; use the original weights file") from None
         raise InputError(f"{path}: not a PyTorch weights file ({what}); check the path, or copy the file again "
                          "if it was cut short") from None
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA256 of a file, read in 1 MiB blocks (weights files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -10,6 +10,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from MedLSAMLib.device import set_cpu_threads
@@ -31,6 +32,36 @@ def arguments(doc: str, out: str | None, limit: int | None = 0) -> argparse.Argu
     return ap
 
 
+#: The query sets: the dev scans, and 30 support candidates that are neither dev scans nor the
+#: protocol's templates (support_candidates_core5[5:35]), to choose settings before looking at dev.
+OTHER_SCANS = slice(5, 35)
+
+
+def add_scan_set_option(ap: argparse.ArgumentParser, flag: str, other: str, dev_help: str) -> None:
+    """``flag`` choosing the query set: ``dev`` (described by ``dev_help``) or ``other``."""
+    ap.add_argument(flag, choices=["dev", other], default="dev",
+                    help=f"dev: {dev_help}; {other}: 30 support candidates that are neither dev scans nor "
+                    "templates (support_candidates_core5[5:35])")
+
+
+def structure_masks(labels):
+    """(label, name, mask) of each CORE5 structure the label map holds."""
+    for value, name in CORE5:
+        truth = labels.array == value
+        if truth.any():
+            yield value, name, truth
+
+
+def mean_max(values) -> str:
+    """A table cell: "mean (max)" to one decimal."""
+    return f"{np.mean(values):.1f} ({np.max(values):.1f})"
+
+
+def table_head(columns: list[str]) -> list[str]:
+    """The two first lines of a markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 class Bench:
     """One benchmark run: the CPU threads set, the data set found, a scratch folder."""
 
@@ -44,6 +75,10 @@ class Bench:
     def dev_cases(self) -> list[str]:
         """The dev queries (``dev_eval_core5``), the first ``--limit`` of them."""
         return self.splits["dev_eval_core5"][: getattr(self.args, "limit", 0) or None]
+
+    def other_cases(self) -> list[str]:
+        """The other query set (see :data:`OTHER_SCANS`), the first ``--limit`` of them."""
+        return self.splits["support_candidates_core5"][OTHER_SCANS][: getattr(self.args, "limit", 0) or None]
 
     def case(self, case: str):
         """(CT, label map) of a case of the data set."""

@@ -21,7 +21,7 @@ from MedLSAMLib.localizers.fusion import FusionSettings
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings
 
-from harness import CORE5, Bench, arguments  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, add_scan_set_option, arguments  # benchmarks/ is on sys.path when run as a script
 
 STAGES = ["global", "local", "final"]
 
@@ -30,25 +30,23 @@ def main():
     ap = arguments(__doc__, None)
     ap.add_argument("settings", nargs="?", default="{}", help="JSON of HybridSettings fields to change")
     ap.add_argument("--fusion", default="{}", help="JSON of FusionSettings fields to change")
-    ap.add_argument("--queries", choices=["dev", "tune"], default="dev",
-                    help="dev: the 16 dev_eval_core5 cases; tune: 30 support candidates that are not templates "
-                    "(support_candidates_core5[5:35]), to choose settings before looking at dev")
+    add_scan_set_option(ap, "--queries", "tune", "the 16 dev_eval_core5 cases")
     ap.add_argument("--first-template", type=int, default=0,
                     help="templates: support_candidates_core5[N:N+5] (default 0: the protocol's supports); "
                     "another set tells a bias of the method from one of these five templates (use N >= 35 with tune)")
     ap.add_argument("--dump", help="write every case's stages (per-template boxes, scores) here")
     args = ap.parse_args()
     bench = Bench(args, "ablation")
-    hn, splits = bench.hn, bench.splits
+    hn = bench.hn
     tdirs = bench.templates(first=args.first_template)
     loc = HybridLocalizer(tdirs, cache_dir=None, settings=HybridSettings(**json.loads(args.settings)),
                           fusion=FusionSettings(**json.loads(args.fusion)))
     scores = {s: [] for s in STAGES}
     signed, dump, seconds = {}, [], []
-    queries = splits["dev_eval_core5"] if args.queries == "dev" else splits["support_candidates_core5"][5:35]
+    queries = bench.dev_cases() if args.queries == "dev" else bench.other_cases()
     if args.first_template and args.queries == "tune" and args.first_template < 35:
         ap.error("--first-template below 35 overlaps the tuning queries")
-    for case in queries[: args.limit or None]:
+    for case in queries:
         ct, labels = read_ct(hn / f"{case}_ct.nii.gz"), read_labels(hn / f"{case}_label.nii.gz")
         t0 = time.perf_counter()
         result = loc.localize(ct, keep_stages=True)

@@ -37,7 +37,7 @@ from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.registration import RegistrationLocalizer
 from MedLSAMLib.templates import load_template_set
 
-from harness import CORE5, Bench, arguments, machine, write_results  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, machine, table_head, write_results  # benchmarks/ is on sys.path when run as a script
 
 # Paper, StructSeg HaN, 5-shot MedLAM (IoU %): wall distance 2.4-4.0 mm.
 PAPER_IOU = {"Brainstem": 70.3, "SpinalCord": 57.7, "RightParotid": 62.7, "LeftParotid": 63.1, "Mandible": 80.9}
@@ -247,8 +247,7 @@ LABELS = {"medlam": "MedLAM (shipped)", "registration": "affine registration", "
 
 
 def markdown(summary, meta, arms) -> str:
-    lines = ["| structure | " + " | ".join(f"{LABELS[a]} IoU % / WD mm" for a in arms) + " | paper MedLAM IoU % |",
-             "|---|" + "---|" * (len(arms) + 1)]
+    lines = table_head(["structure"] + [f"{LABELS[a]} IoU % / WD mm" for a in arms] + ["paper MedLAM IoU %"])
     for _, name in CORE5:
         cells = []
         for a in arms:
@@ -265,8 +264,7 @@ def markdown(summary, meta, arms) -> str:
     lines.append("")
     lines.append("Signed face errors of the default hybrid localizer, mean over queries, mm (+ = box larger on that side):")
     lines.append("")
-    lines.append("| structure | " + " | ".join(FACES) + " | mean abs |")
-    lines.append("|---|" + "---|" * (len(FACES) + 1))
+    lines += table_head(["structure"] + FACES + ["mean abs"])
     final = arms[-1]
     for _, name in CORE5:
         r = summary[final][name]

@@ -39,12 +39,11 @@ def main():
                     help="SegmentOptions.prior_weight (default: the product's; below 1 SAM encodes slices)")
     ap.add_argument("--write-only", action="store_true",
                     help="measure only the output stage (.seg.nrrd + label map) with the case's reference labels")
-    args = ap.parse_args()
-    bench = Bench(args, "mem")
-    hn, work = bench.hn, bench.work
+    bench = Bench(ap.parse_args(), "mem")
+    args, hn, work = bench.args, bench.hn, bench.work
     wanted = [(v, n) for v, n in CORE5 if n in args.structures]
-    template_from_labels(hn / "train-pats/pt_1_ct.nii.gz", hn / "train-pats/pt_1_label.nii.gz", wanted, work / "t")
-    small = read_ct(hn / f"{args.case}_ct.nii.gz")
+    template_from_labels(bench.ct_path("train-pats/pt_1"), hn / "train-pats/pt_1_label.nii.gz", wanted, work / "t")
+    small = read_ct(bench.ct_path(args.case))
     g = small.geometry
     extent = g.spacing * (np.asarray(g.size) - 1)
     size = np.asarray(args.size)

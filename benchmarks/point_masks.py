@@ -18,7 +18,7 @@ from MedLSAMLib.evaluate import dice
 from MedLSAMLib.point_masks import PointMaskSettings, mask_from_points, mask_on_image
 from MedLSAMLib.templates import extreme_points_from_mask
 
-from harness import CORE5, Bench, arguments, write_results
+from harness import CORE5, Bench, add_scan_set_option, arguments, structure_masks, table_head, write_results
 
 
 def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
@@ -33,22 +33,18 @@ def simple_arm(shape, geometry, points_lps, kind: str) -> np.ndarray:
 
 def main():
     ap = arguments(__doc__, "docs/bench/point_masks")
-    ap.add_argument("--scans", choices=["dev", "other"], default="dev",
-                    help="dev: the 16 dev scans and the 5 protocol templates (where the maker's settings were "
-                    "chosen); other: 30 support candidates that are neither (support_candidates_core5[5:35])")
+    add_scan_set_option(ap, "--scans", "other",
+                        "the 16 dev scans and the 5 protocol templates (where the maker's settings were chosen)")
     ap.add_argument("--settings", default="{}", help="JSON of PointMaskSettings fields to change")
     args = ap.parse_args()
     bench = Bench(args, "pointmasks")
     cases = (bench.splits["dev_eval_core5"] + bench.splits["support_candidates_core5"][:5] if args.scans == "dev"
-             else bench.splits["support_candidates_core5"][5:35])[: args.limit or None]
+             else bench.other_cases())[: args.limit or None]
     settings = PointMaskSettings(**json.loads(args.settings))
     rows, seconds = [], []
     for case in cases:
         ct, labels = bench.case(case)
-        for value, name in CORE5:
-            truth = labels.array == value
-            if not truth.any():
-                continue
+        for _, name, truth in structure_masks(labels):
             points = extreme_points_from_mask(truth, labels.geometry)
             t0 = time.perf_counter()
             block, matrix = mask_from_points(ct, points, settings)
@@ -61,7 +57,7 @@ def main():
         print(f"{case}: " + ", ".join(f"{r['structure']} {r['dice']['point_mask']:.2f}" for r in rows if r["case"] == case),
               flush=True)
     arms = ["box", "ellipsoid", "point_mask"]
-    lines = ["| structure | " + " | ".join(f"{a} Dice %" for a in arms) + " |", "|---|" + "---|" * len(arms)]
+    lines = table_head(["structure"] + [f"{a} Dice %" for a in arms])
     for _, name in CORE5:
         sel = [r for r in rows if r["structure"] == name]
         lines.append(f"| {name} | " + " | ".join(f"{100 * np.mean([r['dice'][a] for r in sel]):.1f}" for a in arms) + " |")

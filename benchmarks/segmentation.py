@@ -42,7 +42,7 @@ from MedLSAMLib.preprocess import SAM_WINDOW
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions, StructureRequest, segment_volume
 
-from harness import CORE5, Bench, arguments, machine, write_results  # benchmarks/ is on sys.path when run as a script
+from harness import CORE5, Bench, arguments, machine, mean_max, table_head, write_results  # benchmarks/ is on sys.path when run as a script
 
 PAPER_DSC = {"Brainstem": 73.3, "SpinalCord": 34.7, "RightParotid": 57.1, "LeftParotid": 59.6, "Mandible": 66.0}
 
@@ -201,8 +201,7 @@ def main():
 def markdown(rows, meta) -> str:
     arms = list(rows[0]["arms"])
     fmt = lambda xs, k: f"{np.nanmean(xs) * (100 if k == 'dice' else 1):.1f}"  # noqa: E731
-    lines = ["| structure | " + " | ".join(f"{a} Dice % / HD95 mm" for a in arms) + " | paper MedLAM + MedSAM Dice % |",
-             "|---|" + "---|" * (len(arms) + 1)]
+    lines = table_head(["structure"] + [f"{a} Dice % / HD95 mm" for a in arms] + ["paper MedLAM + MedSAM Dice %"])
     for _, name in CORE5:
         cells = []
         for a in arms:
@@ -230,8 +229,7 @@ def markdown(rows, meta) -> str:
             lines.append(f"| {a} | {n:.1f} | {np.mean([x.get('interpolated_slices', 0) for x in t]):.1f} | {n * per_slice:.1f} |")
     keys = [k for k in ("localize", "encode", "decode", "interpolate", "postprocess", "write", "total") if k in p[0]]
     lines += ["", "The pipeline (`medlsam segment`'s path, default options), seconds per case, mean (max):", "",
-              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-              "| " + " | ".join(f"{np.mean([x[k] for x in p]):.1f} ({np.max([x[k] for x in p]):.1f})" for k in keys) + " |",
+              *table_head(keys), "| " + " | ".join(mean_max([x[k] for x in p]) for k in keys) + " |",
               "", f"{meta['queries']} queries; {meta['machine']}; segmenter {meta['segmenter']['name']} on "
               f"{meta['segmenter']['runtime']}. Loading the segmenter {meta['load_segmenter_s']:.1f} s, preparing the "
               f"templates {meta['prepare_templates_s']:.1f} s (once per run). Peak RSS {meta['peak_rss_mb']:.0f} MB."]

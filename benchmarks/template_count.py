@@ -16,7 +16,7 @@ from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.segment.backends import load_segmenter
 
-from harness import CORE5, Bench, arguments, machine, points_only, write_results
+from harness import CORE5, Bench, arguments, machine, points_only, structure_masks, table_head, write_results
 
 KINDS = ("labels", "points")
 
@@ -40,10 +40,7 @@ def main():
             for case, ct, labels in cases:
                 pred, record = cohort.segment_volume(ct)
                 seconds.append(record.timing_s["total"])
-                for value, name in CORE5:
-                    truth = labels.array == value
-                    if not truth.any():
-                        continue
+                for value, name, truth in structure_masks(labels):
                     scores[name]["dice"].append(dice(pred == value, truth))
                     found = record.structures[name]
                     scores[name]["iou"].append(box_iou(np.array(found.box_lps), _mask_box_lps(truth, labels.geometry))
@@ -60,8 +57,7 @@ def main():
 
 def markdown(rows, queries) -> str:
     counts = sorted({r["templates"] for r in rows})
-    lines = ["| templates hold | " + " | ".join(f"{k} templates: Dice % / box IoU %" for k in counts) + " |",
-             "|---|" + "---|" * len(counts)]
+    lines = table_head(["templates hold"] + [f"{k} templates: Dice % / box IoU %" for k in counts])
     for kind in KINDS:
         cells = {r["templates"]: f"{100 * r['dice']:.1f} / {100 * r['iou']:.1f}" for r in rows if r["kind"] == kind}
         lines.append(f"| {kind} | " + " | ".join(cells.get(k, "-") for k in counts) + " |")

@@ -30,7 +30,7 @@ from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions
 
-from harness import CORE5, Bench, arguments, machine, points_only, write_results
+from harness import CORE5, Bench, arguments, machine, mean_max, points_only, table_head, write_results
 from segmentation import mean_dice, scores
 
 
@@ -91,7 +91,7 @@ def main():
 
 def markdown(rows, meta) -> str:
     arms = list(rows[0]["arms"])
-    lines = ["| structure | " + " | ".join(f"{a} Dice % / HD95 mm" for a in arms) + " |", "|---|" + "---|" * len(arms)]
+    lines = table_head(["structure"] + [f"{a} Dice % / HD95 mm" for a in arms])
     for _, name in CORE5:
         cells = []
         for a in arms:
@@ -101,8 +101,7 @@ def markdown(rows, meta) -> str:
     lines.append("| **mean** | " + " | ".join(f"**{100 * np.mean([mean_dice(r['arms'][a]) for r in rows]):.1f}**"
                                              for a in arms) + " |")
     lines.append("| s per case, mean (max) | " + " | ".join(
-        f"{np.mean([r['timing_s'][a]['total'] for r in rows]):.1f} ({np.max([r['timing_s'][a]['total'] for r in rows]):.1f})"
-        for a in arms) + " |")
+        mean_max([r['timing_s'][a]['total'] for r in rows]) for a in arms) + " |")
     lines.append("| template preparation s (5 templates, no cache) | " + " | ".join(
         f"{meta['prepare_templates_s'][a]:.1f}" for a in arms) + " |")
     lines += ["", f"{meta['queries']} queries of {meta.get('scan_size')} voxels (last; spacing {meta.get('scan_spacing')} mm); "

@@ -10,10 +10,11 @@ from pathlib import Path
 from ..device import resolve_device
 from ..errors import InputError
 from ..io import Volume, read_ct
-from ..medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, sha256, verify_default_checkpoint
+from ..medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam, verify_default_checkpoint
 from ..medlam.search import LandmarkSearch, SearchOptions, SupportSet, prepare
 from ..results import Localization
 from ..templates import Template, load_template
+from ..weights import sha256
 
 
 class MedLAMLocalizer:

@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import InputError
 from ..geometry import box_from_points
 from ..io import Volume
-from ..medlam.checkpoint import sha256
+from ..weights import sha256
 from ..point_masks import PointMaskSettings, mask_from_points
 from ..templates import MANIFEST, Template
 from .align import QueryImage

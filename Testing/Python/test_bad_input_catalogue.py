@@ -183,6 +183,12 @@ def _segment_into_file(c) -> list[str]:
     return argv
 
 
+def _from_labels(c, labels: str, structure: str) -> list[str]:
+    """``template from-labels`` on the case's CT with ``labels`` and one ``--structure``."""
+    return ["template", "from-labels", "--image", str(c.ct), "--labels", labels, "--structure", structure,
+            "--out", str(c.out / "tpl")]
+
+
 def _empty_dir(c) -> Path:
     d = c.tmp / "nothing_here"
     d.mkdir()
@@ -299,20 +305,16 @@ KINDS = [
          r"template only_brainstem: structure\(s\) Mandible not defined \(it has Brainstem\)$"),
     # --- label maps ----------------------------------------------------------------------------
     Kind("labels-non-integer", "label maps",
-         lambda c: ["template", "from-labels", "--image", str(c.ct), "--labels", str(_non_integer_labels(c)),
-                    "--structure", "1:Brainstem", "--out", str(c.out / "tpl")],
+         lambda c: _from_labels(c, str(_non_integer_labels(c)), "1:Brainstem"),
          r".*half_labels\.nii\.gz: label map holds non-integer values; expected a label map$"),
     Kind("labels-other-grid", "label maps",
-         lambda c: ["template", "from-labels", "--image", str(c.ct), "--labels", str(_other_grid_labels(c)),
-                    "--structure", "1:Brainstem", "--out", str(c.out / "tpl")],
+         lambda c: _from_labels(c, str(_other_grid_labels(c)), "1:Brainstem"),
          r".*coarse_labels\.nii\.gz: label map geometry differs from the image .*pt_201_ct\.nii\.gz$"),
     Kind("labels-structure-absent", "label maps",
-         lambda c: ["template", "from-labels", "--image", str(c.ct), "--labels", str(c.labels),
-                    "--structure", "9:Heart", "--out", str(c.out / "tpl")],
+         lambda c: _from_labels(c, str(c.labels), "9:Heart"),
          r"structure Heart \(label 9\) is absent from .*pt_201_label\.nii\.gz \(labels present: \[1, 2, 3, 4, 5, 6, 7\]\)$"),
     Kind("labels-bad-structure-spec", "label maps",
-         lambda c: ["template", "from-labels", "--image", str(c.ct), "--labels", str(c.labels),
-                    "--structure", "Brainstem", "--out", str(c.out / "tpl")],
+         lambda c: _from_labels(c, str(c.labels), "Brainstem"),
          r"--structure 'Brainstem': expected LABEL:NAME, e\.g\. 1:Brainstem$"),
     Kind("evaluate-reference-missing", "label maps",
          lambda c: ["evaluate", "--pred", str(_finished_batch(c)), "--labels-dir", str(c.tmp / "no_refs")],

@@ -16,9 +16,8 @@ from MedLSAMLib.settings import RunSettings  # noqa: E402
 from MedLSAMLib.io import read_labels  # noqa: E402
 from MedLSAMLib.localizers import LocalizerSpec  # noqa: E402
 from MedLSAMLib.pipeline import run_cohort  # noqa: E402
-from MedLSAMLib.templates import template_from_labels  # noqa: E402
 
-from conftest import hn_case  # noqa: E402
+from conftest import hn_case, hn_template  # noqa: E402
 from segmenters import SlowThresholdSegmenter, ThresholdSegmenter  # noqa: E402
 
 
@@ -35,9 +34,7 @@ CASES = ["validation-pats/pt_201", "validation-pats/pt_202", "validation-pats/pt
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    ct, labels = hn_case("train-pats/pt_1")
-    tpl = tmp_path_factory.mktemp("tpl")
-    template_from_labels(ct, labels, [(7, "Mandible"), (2, "SpinalCord")], tpl)
+    tpl = hn_template("train-pats/pt_1", [(7, "Mandible"), (2, "SpinalCord")], tmp_path_factory.mktemp("tpl"))
     return tpl
 
 

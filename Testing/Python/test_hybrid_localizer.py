@@ -25,7 +25,7 @@ from MedLSAMLib.localizers.prepared import head_foot_parts
 from MedLSAMLib.markups import read_markups, write_markups
 from MedLSAMLib.templates import template_from_labels
 
-from conftest import CORE5, SHARED, hn_case
+from conftest import CORE5, SHARED, hn_case, hn_template
 
 torch.set_num_threads(2)
 
@@ -33,25 +33,15 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
     """pt_1 and pt_100 as templates (CORE5 from their label maps)."""
-    out = []
-    for case in ("train-pats/pt_1", "train-pats/pt_100"):
-        ct, labels = hn_case(case)
-        d = tmp_path_factory.mktemp(case.split("/")[1])
-        template_from_labels(ct, labels, CORE5, d)
-        out.append(d)
-    return out
+    return [hn_template(case, CORE5, tmp_path_factory.mktemp(case.split("/")[1]))
+            for case in ("train-pats/pt_1", "train-pats/pt_100")]
 
 
 @pytest.fixture(scope="module")
 def five_templates(templates, tmp_path_factory):
     """The benchmark's five support templates (pt_1, pt_100 from ``templates`` + pt_101, pt_104, pt_105)."""
-    out = list(templates)
-    for case in ("train-pats/pt_101", "train-pats/pt_104", "train-pats/pt_105"):
-        ct, labels = hn_case(case)
-        d = tmp_path_factory.mktemp(case.split("/")[1])
-        template_from_labels(ct, labels, CORE5, d)
-        out.append(d)
-    return out
+    return list(templates) + [hn_template(case, CORE5, tmp_path_factory.mktemp(case.split("/")[1]))
+                              for case in ("train-pats/pt_101", "train-pats/pt_104", "train-pats/pt_105")]
 
 
 def mask_cloud(labels: Volume, value: int) -> np.ndarray:

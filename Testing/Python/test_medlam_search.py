@@ -13,9 +13,8 @@ from MedLSAMLib.io import Volume, read_ct
 from MedLSAMLib.localizers.medlam import MedLAMLocalizer
 from MedLSAMLib.medlam.checkpoint import DEFAULT_CHECKPOINT, load_medlam
 from MedLSAMLib.medlam.search import LandmarkSearch
-from MedLSAMLib.templates import template_from_labels
 
-from conftest import hn_case
+from conftest import hn_case, hn_template
 
 torch.set_num_threads(2)
 STRUCTURES = [(1, "Brainstem"), (2, "SpinalCord"), (7, "Mandible")]
@@ -23,10 +22,7 @@ STRUCTURES = [(1, "Brainstem"), (2, "SpinalCord"), (7, "Mandible")]
 
 @pytest.fixture(scope="module")
 def pt1_template(tmp_path_factory):
-    ct, labels = hn_case("train-pats/pt_1")
-    out = tmp_path_factory.mktemp("tpl_pt1")
-    template_from_labels(ct, labels, STRUCTURES, out)
-    return out
+    return hn_template("train-pats/pt_1", STRUCTURES, tmp_path_factory.mktemp("tpl_pt1"))
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,15 @@ import slicerio
 from MedLSAMLib.io import read_labels
 from MedLSAMLib.localizers.medlam import MedLAMLocalizer
 from MedLSAMLib.pipeline import CohortSegmenter, is_complete, list_cohort, run_cohort
-from MedLSAMLib.templates import template_from_labels
 from MedLSAMLib.errors import InputError
 
-from conftest import hn_case
+from conftest import hn_case, hn_template
 from segmenters import ThresholdSegmenter
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    ct, labels = hn_case("train-pats/pt_1")
-    tpl = tmp_path_factory.mktemp("tpl")
-    template_from_labels(ct, labels, [(7, "Mandible"), (2, "SpinalCord")], tpl)
+    tpl = hn_template("train-pats/pt_1", [(7, "Mandible"), (2, "SpinalCord")], tmp_path_factory.mktemp("tpl"))
     localizer = MedLAMLocalizer([tpl], mode="wpl", device="cpu")
     return CohortSegmenter(localizer, ThresholdSegmenter())
 

@@ -7,9 +7,8 @@ import pytest
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct
-from MedLSAMLib.templates import template_from_labels
 
-from conftest import OBLIQUE, hn_case, phantom
+from conftest import OBLIQUE, hn_case, hn_template, phantom
 from segmenters import ThresholdSegmenter
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
@@ -85,8 +84,7 @@ def test_segment_range_preview_and_apply_into_a_segment(scene, oblique_volume):
 
 
 def test_localize_box_roi_for_a_template_structure(scene, tmp_path):
-    ct, labels = hn_case("train-pats/pt_1")
-    template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "tpl")
+    hn_template("train-pats/pt_1", [(7, "Mandible")], tmp_path / "tpl")
     node = nodes.add_volume_node(scene, read_ct(hn_case("validation-pats/pt_201")[0]), "pt_201")
     core = MedLSAMCore(scene)
     settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"))

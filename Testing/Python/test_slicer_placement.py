@@ -101,10 +101,15 @@ def test_guided_placement_shows_next_point_progress_and_problems(scene):
     assert node.GetNumberOfControlPoints() == 6 and node.GetFixedNumberOfControlPoints()
 
 
+def _case_in_scene(scene, case: str):
+    """(CT, label map, the CT's volume node) of a data set case added to the scene."""
+    ct, labels_path = hn_case(case)
+    image = read_ct(ct)
+    return image, read_labels(labels_path), nodes.add_volume_node(scene, image, case.split("/")[1])
+
+
 def test_points_from_segment_are_the_masks_extreme_points(scene):
-    ct, labels_path = hn_case("train-pats/pt_1")
-    image, labels = read_ct(ct), read_labels(labels_path)
-    volume = nodes.add_volume_node(scene, image, "pt_1")
+    image, labels, volume = _case_in_scene(scene, "train-pats/pt_1")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
 
     class S:  # the template-structure shape write_labels_to_segmentation expects
@@ -126,9 +131,7 @@ def test_points_from_segment_are_the_masks_extreme_points(scene):
 
 
 def test_template_set_saved_in_slicer_loads_in_the_library_and_back(scene, tmp_path):
-    ct, labels_path = hn_case("train-pats/pt_1")
-    image, labels = read_ct(ct), read_labels(labels_path)
-    volume = nodes.add_volume_node(scene, image, "pt_1")
+    image, labels, volume = _case_in_scene(scene, "train-pats/pt_1")
     brainstem = placement.new_placement_node(scene, "Brainstem", 1)
     placement.fill_placement_node(brainstem, extreme_points_from_mask(labels.array == 1, labels.geometry))
     unfinished = placement.new_placement_node(scene, "Larynx", 6)
@@ -169,9 +172,7 @@ def test_proposed_masks_can_be_corrected_and_are_saved_as_the_templates_label_ma
     from MedLSAMLib.evaluate import dice
     from MedLSAMLib.localizers.hybrid import HybridLocalizer
 
-    ct, labels_path = hn_case("train-pats/pt_1")
-    image, labels = read_ct(ct), read_labels(labels_path)
-    volume = nodes.add_volume_node(scene, image, "pt_1")
+    image, labels, volume = _case_in_scene(scene, "train-pats/pt_1")
     point_lists = []
     for value, name in ((1, "Brainstem"), (7, "Mandible")):
         node = placement.new_placement_node(scene, name, value)
@@ -214,9 +215,7 @@ def test_a_reviewed_case_becomes_a_template_that_localizes_beside_others(scene, 
     from MedLSAMLib.localizers.hybrid import HybridLocalizer
     from MedLSAMLib.templates import template_from_labels
 
-    ct, labels_path = hn_case("train-pats/pt_100")
-    image, labels = read_ct(ct), read_labels(labels_path)
-    volume = nodes.add_volume_node(scene, image, "pt_100")
+    image, labels, volume = _case_in_scene(scene, "train-pats/pt_100")
     result = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "pt_100 MedLSAM")
     structures = [SimpleNamespace(name="Brainstem", label=1, color=(0.9, 0.6, 0.0)),
                   SimpleNamespace(name="Mandible", label=7, color=(0.6, 0.6, 0.6)),

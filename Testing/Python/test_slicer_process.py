@@ -15,7 +15,7 @@ from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.results import Localization
 from MedLSAMLib.settings import RunSettings, SegmenterSpec
 
-from conftest import hn_case
+from conftest import hn_case, hn_template
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 
@@ -33,6 +33,15 @@ def drive(run, on_poll=None, limit_s=600):
         threading.Event().wait(0.05)
         assert time.perf_counter() - t0 < limit_s, "the worker did not finish"
     return polls
+
+
+def _cohort_run(scene, tmp_path, cases: int) -> "process.CohortProcessRun":
+    """A template and ``cases`` cohort volumes in the scene, their run started in a worker."""
+    from medlsam_scenarios import build_template_and_cohort
+
+    scenario = build_template_and_cohort(scene, tmp_path, cases=cases)
+    settings = RunSettings((scenario["template"],), LocalizerSpec(device="cpu"))
+    return process.CohortProcessRun(MedLSAMCore(scene), scenario["volumes"], settings, work_dir=tmp_path / "run")
 
 
 def test_the_panels_cohort_run_in_a_worker_gives_the_command_lines_masks(scene, tmp_path):
@@ -55,11 +64,7 @@ def test_the_panels_cohort_run_in_a_worker_gives_the_command_lines_masks(scene, 
 
 
 def test_cancel_stops_the_worker_at_once_and_keeps_finished_cases(scene, tmp_path):
-    from medlsam_scenarios import build_template_and_cohort
-
-    scenario = build_template_and_cohort(scene, tmp_path, cases=3)
-    settings = RunSettings((scenario["template"],), LocalizerSpec(device="cpu"))
-    run = process.CohortProcessRun(MedLSAMCore(scene), scenario["volumes"], settings, work_dir=tmp_path / "run")
+    run = _cohort_run(scene, tmp_path, cases=3)
     cancelled_at = []
 
     def cancel_after_first(r):
@@ -75,11 +80,7 @@ def test_cancel_stops_the_worker_at_once_and_keeps_finished_cases(scene, tmp_pat
 
 
 def test_a_worker_that_dies_fails_its_cases_with_the_reason(scene, tmp_path):
-    from medlsam_scenarios import build_template_and_cohort
-
-    scenario = build_template_and_cohort(scene, tmp_path, cases=2)
-    settings = RunSettings((scenario["template"],), LocalizerSpec(device="cpu"))
-    run = process.CohortProcessRun(MedLSAMCore(scene), scenario["volumes"], settings, work_dir=tmp_path / "run")
+    run = _cohort_run(scene, tmp_path, cases=2)
     os.kill(run.job.process.pid, signal.SIGKILL)  # a crash (out of memory, a segfault in a library)
     drive(run)
     assert [r.status for r in run.results] == ["failed", "failed"]
@@ -99,10 +100,8 @@ def test_a_wrong_template_is_reported_by_the_worker_in_one_line(scene, tmp_path)
 
 def test_the_effects_localize_and_segment_range_jobs_match_the_in_process_code(scene, tmp_path):
     from MedLSAMLib.io import read_ct
-    from MedLSAMLib.templates import template_from_labels
 
-    ct_path, labels_path = hn_case("train-pats/pt_1")
-    template_from_labels(ct_path, labels_path, [(7, "Mandible")], tmp_path / "tpl")
+    hn_template("train-pats/pt_1", [(7, "Mandible")], tmp_path / "tpl")
     volume_node = nodes.add_volume_node(scene, read_ct(hn_case("validation-pats/pt_201")[0]), "pt_201")
     settings = RunSettings((tmp_path / "tpl",), LocalizerSpec(device="cpu"))
     work = tmp_path / "localize"

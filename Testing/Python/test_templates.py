@@ -8,7 +8,7 @@ from MedLSAMLib import io
 from MedLSAMLib.errors import InputError
 from MedLSAMLib.geometry import POINT_NAMES, extreme_points_from_box, lps_to_ras, point_axis
 from MedLSAMLib.markups import read_markups, write_markups
-from MedLSAMLib.templates import (Structure, Template, extreme_points_from_mask, load_template,
+from MedLSAMLib.templates import (Structure, Template, extreme_points_from_mask, load_template, read_color_table,
                                   save_template, template_from_labels)
 
 from conftest import CORE5, hn_case, phantom
@@ -215,3 +215,43 @@ def test_a_label_map_cropped_on_the_cts_own_voxels_is_placed_back_on_its_grid(tm
     back = load_template(tmp_path / "made").load_labels()
     assert back.geometry.is_close(io.read_ct(ct).geometry, atol=1e-3)
     assert np.array_equal(back.array == 7, io.read_labels(labels).array == 7)
+
+
+@pytest.mark.parametrize("kind", ["slicer", "itksnap"])
+def test_a_label_map_with_a_colour_table_names_its_structures(tmp_path, kind):
+    """A plain label map with its colour table (Slicer .ctbl, or ITK-SNAP label descriptions)
+    becomes a template with no --structure: every label in the map that the table names, with
+    the table's name and colour; labels the map lacks (5, 6 are absent here: 9) are skipped."""
+    ct, labels = hn_case("train-pats/pt_1")
+    table = tmp_path / "colors.txt"
+    if kind == "slicer":
+        table.write_text("# Color table file colors.ctbl\n# 4 values\n0 Background 0 0 0 0\n1 Brainstem 255 0 0 255\n"
+                         "7 Lower jaw 0 128 255 255\n9 Heart 10 10 10 255\n")
+    else:
+        table.write_text('################################################\n# ITK-SNAP Label Description File\n'
+                         '    0     0    0    0        0  0  0    "Clear Label"\n'
+                         '    1   255    0    0        1  1  1    "Brainstem"\n'
+                         '    7     0  128  255        1  1  1    "Lower jaw"\n'
+                         '    9    10   10   10        1  1  1    "Heart"\n')
+    template = template_from_labels(ct, labels, [], tmp_path / "t", color_table=table)
+    assert [(s.name, s.label, s.color) for s in template.structures.values()] == \
+        [("Brainstem", 1, (1.0, 0.0, 0.0)), ("Lower jaw", 7, (0.0, 0.502, 1.0))]
+    reference = io.read_labels(labels)
+    assert np.allclose(template.structures["Lower jaw"].points,
+                       extreme_points_from_mask(reference.array == 7, reference.geometry))
+    renamed = template_from_labels(ct, labels, [(7, "Mandible")], tmp_path / "r", color_table=table)
+    assert [(s.name, s.color) for s in renamed.structures.values()] == [("Mandible", (0.0, 0.502, 1.0))]
+    table.write_text("1 Brainstem red\n")
+    with pytest.raises(InputError, match=r"colors\.txt, line 1: expected 'value name R G B A'"):
+        template_from_labels(ct, labels, [], tmp_path / "bad", color_table=table)
+
+
+def test_slicers_csv_colour_table_is_read(tmp_path):
+    table = tmp_path / "colors.csv"
+    table.write_text("LabelValue,Name,Color_R,Color_G,Color_B,Color_A,Category_CodingSchemeDesignator\n"
+                     "0,background,0,0,0,0,\n1,Brainstem,255,0,0,255,SCT\n2,Spinal cord,0,255,0,255,SCT\n")
+    assert read_color_table(table) == {1: ("Brainstem", (1.0, 0.0, 0.0), None),
+                                       2: ("Spinal cord", (0.0, 1.0, 0.0), None)}
+    table.write_text("LabelValue,Name,Color_R,Color_G,Color_B\nx,Brainstem,1,2,3\n")
+    with pytest.raises(InputError, match=r"colors\.csv, line 2: expected"):
+        read_color_table(table)
