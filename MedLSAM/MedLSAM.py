@@ -412,7 +412,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             review = r.review
             cells = [r.volume, r.status, str(sum(s.present for s in r.structures.values())),
                      f"{min(confidences):.2f}" if confidences else "-", "" if r.seconds is None else str(r.seconds),
-                     r.error or ", ".join(review)]
+                     r.error or r.review_text]
             for col, text in enumerate(cells):
                 table.setItem(row, col, qt.QTableWidgetItem(text))
             if r.status != "ok" or review:

@@ -145,6 +145,12 @@ class Geometry:
         """Shape of the numpy array holding this grid (k, j, i)."""
         return tuple(reversed(self.size))
 
+    def sub_grid(self, lo_ijk, hi_ijk) -> "Geometry":
+        """The block of voxels ``lo_ijk``..``hi_ijk`` (inclusive) as a grid of its own."""
+        lo, hi = np.asarray(lo_ijk, int), np.asarray(hi_ijk, int)
+        return Geometry(self.ijk_to_lps(lo.astype(float)), self.spacing, self.direction,
+                        tuple(int(v) for v in hi - lo + 1))
+
     def is_close(self, other: "Geometry", atol: float = 1e-4) -> bool:
         return (
             self.size == other.size

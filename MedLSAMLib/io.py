@@ -41,6 +41,13 @@ class Volume:
     def with_array(self, array: np.ndarray, name: str | None = None) -> "Volume":
         return Volume(array, self.geometry, self.name if name is None else name, dict(self.meta))
 
+    def crop(self, lo_ijk, hi_ijk) -> "Volume":
+        """The block ``lo_ijk``..``hi_ijk`` (inclusive, clipped to the image), copied."""
+        lo = np.clip(np.asarray(lo_ijk, int), 0, np.asarray(self.geometry.size) - 1)
+        hi = np.clip(np.asarray(hi_ijk, int), lo, np.asarray(self.geometry.size) - 1)
+        array = np.ascontiguousarray(self.array[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1])
+        return Volume(array, self.geometry.sub_grid(lo, hi), self.name, dict(self.meta))
+
 
 def case_name(path: str | os.PathLike) -> str:
     """Input file name without its extension(s), or the folder name for a DICOM series."""
@@ -92,11 +99,10 @@ def read_volume(path: str | os.PathLike, pixel_type: int | None = None) -> Volum
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
-    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
-        check_nifti_complete(p)  # ITK reads a cut NIfTI without complaint (the rest becomes zeros)
+    nifti = p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
     try:
-        with _native_stderr_held_back():
-            image = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(p))
+        with (nifti_checked(p) if nifti else contextlib.nullcontext(p)) as readable, _native_stderr_held_back():
+            image = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(readable))
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
         raise InputError(f"{p}: {_explain_read_error(p, str(exc))}") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
@@ -158,33 +164,66 @@ def check_nifti_complete(path: Path) -> None:
     """Refuse a NIfTI file whose voxel data ends before its header says (an interrupted copy or
     download) or whose gzip stream is damaged. NRRD and MetaImage readers refuse such files
     themselves."""
+    with nifti_checked(path, keep=False):
+        pass
+
+
+@contextlib.contextmanager
+def nifti_checked(path: Path, keep: bool = True):
+    """The file the image reader should read for a NIfTI ``path``, checked complete.
+
+    ITK reads a cut NIfTI, or a gzip stream damaged in the middle, without complaint (the rest
+    becomes zeros). A ``.nii`` is checked against its header's size. A ``.nii.gz`` is decompressed
+    once, here (the gzip CRC and length checked on the way), into a temporary ``.nii`` that the
+    reader then reads without decompressing again (``keep=False``: nothing is written)."""
     import gzip
     import struct
     import zlib
 
     compressed = path.name.lower().endswith(".gz")
-    if compressed:
-        with open(path, "rb") as f:
-            if f.read(2) != b"\x1f\x8b":
-                return  # not gzip at all: the image reader says it cannot read it
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if not compressed or magic != b"\x1f\x8b":  # plain NIfTI, or not gzip at all (the reader says so)
+        if not compressed:
+            with open(path, "rb") as f:
+                expected = _nifti_data_end(f.read(544), struct)
+            total = os.path.getsize(path)
+            if expected is not None and total < expected:
+                raise InputError(f"{path}: the image data ends early ({total:,} of {expected:,} bytes): an "
+                                 "interrupted copy? Copy the file again")
+        yield path
+        return
+    plain = None
     try:
-        with (gzip.open if compressed else open)(path, "rb") as f:
+        with gzip.open(path, "rb") as f:
             header = f.read(544)
             expected = _nifti_data_end(header, struct)
-            if expected is None:
-                return  # not a header we know: let the reader decide
-            if not compressed:
-                total = os.path.getsize(path)
+            if expected is None:  # not a header we know: let the reader decide
+                plain = None
             else:
+                sink = tempfile.NamedTemporaryFile(suffix=".nii", delete=False) if keep else None
+                plain = Path(sink.name) if sink else None
                 total = len(header)
-                while chunk := f.read(1 << 22):
-                    total += len(chunk)
+                with (sink or contextlib.nullcontext()):
+                    if sink:
+                        sink.write(header)
+                    while chunk := f.read(1 << 22):
+                        total += len(chunk)
+                        if sink:
+                            sink.write(chunk)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        if plain:
+            plain.unlink(missing_ok=True)
         raise InputError(f"{path}: the compressed data is damaged or ends early ({exc.__class__.__name__}): "
                          "an interrupted copy? Copy the file again") from None
-    if total < expected:
-        raise InputError(f"{path}: the image data ends early ({total:,} of {expected:,} bytes): an interrupted "
-                         "copy? Copy the file again")
+    try:
+        if expected is not None and total < expected:
+            raise InputError(f"{path}: the image data ends early ({total:,} of {expected:,} bytes): an interrupted "
+                             "copy? Copy the file again")
+        yield plain or path
+    finally:
+        if plain:
+            plain.unlink(missing_ok=True)
 
 
 def _nifti_data_end(header: bytes, struct) -> int | None:

@@ -63,17 +63,27 @@ class StructureSummary:
     present: bool
     confidence: float
     voxels: int | None = None  # None: localized only, not segmented
+    visible_fraction: float | None = None  # share of the structure the scan shows (hybrid localizer)
+    key_order: tuple | None = field(default=None, repr=False, compare=False)  # of the file it was read from
+
 
     def needs_review(self) -> bool:
         """Absent, low confidence, or (once segmented) an empty mask."""
         return not self.present or self.confidence < REVIEW_BELOW or self.voxels == 0
 
     def to_json(self) -> dict:
-        return {"present": self.present, "confidence": self.confidence, "voxels": self.voxels or 0}
+        d = {"present": self.present, "confidence": self.confidence, "voxels": self.voxels or 0,
+             "review": self.needs_review()}
+        if self.visible_fraction is not None:
+            d["visible_fraction"] = self.visible_fraction
+        if self.key_order is not None:  # a file written before "review" existed reads back as it was
+            d = {k: d[k] for k in self.key_order if k in d}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> StructureSummary:
-        return cls(bool(d["present"]), float(d["confidence"]), int(d.get("voxels", 0)))
+        return cls(bool(d["present"]), float(d["confidence"]), int(d.get("voxels", 0)), d.get("visible_fraction"),
+                   tuple(d))
 
 
 #: The keys every localizer writes for a structure, in file order; a localizer's own evidence
@@ -113,7 +123,8 @@ class StructureResult:
         return replace(self, segmented=segmented)
 
     def summary(self) -> StructureSummary:
-        return StructureSummary(self.present, self.confidence, self.segmented.voxels if self.segmented else None)
+        return StructureSummary(self.present, self.confidence, self.segmented.voxels if self.segmented else None,
+                                self.evidence.get("visible_fraction"))
 
     def needs_review(self) -> bool:
         return self.summary().needs_review()

@@ -84,6 +84,10 @@ class Bench:
         """(CT, label map) of a case of the data set."""
         return read_ct(self.hn / f"{case}_ct.nii.gz"), read_labels(self.hn / f"{case}_label.nii.gz")
 
+    def shared_data(self, name: str) -> Path:
+        """A data set folder under the shared folder's ``data``."""
+        return Path(self.args.shared) / "data" / name
+
     def ct_path(self, case: str) -> Path:
         return self.hn / f"{case}_ct.nii.gz"
 

@@ -45,6 +45,17 @@ class VolumeResult:
         """Structures to look at: :meth:`~MedLSAMLib.results.StructureSummary.needs_review`."""
         return [name for name, s in self.structures.items() if s.needs_review()]
 
+    @property
+    def review_text(self) -> str:
+        """The results table's review cell: the structures to look at, each present one that the
+        scan shows only in part with its share ("SpinalCord (40 % in scan)")."""
+        def label(name):
+            s = self.structures[name]
+            partly = s.present and s.visible_fraction is not None and s.visible_fraction < 0.95
+            return f"{name} ({100 * s.visible_fraction:.0f} % in scan)" if partly else name
+
+        return ", ".join(label(n) for n in self.review)
+
 
 class MedLSAMCore:
     def __init__(self, scene):

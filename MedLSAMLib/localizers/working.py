@@ -2,15 +2,20 @@
 
 Template and query go through the same function, so their values are comparable. The grid keeps
 the scan's own axis directions (no resampling error from a rotation) and only coarsens axes whose
-spacing is finer than asked: a 512 x 512 x 600 CT becomes a few million voxels, a 128^3 CT at 4 mm
-stays as it is.
+spacing is finer than asked.
+
+Cost is set by the working grid, not by the scan: a fine scan is first resampled to an
+intermediate grid of half the working spacing (linear interpolation costs per output voxel) and
+smoothed there, so a 512 x 512 x 600 CT costs about what a 128^3 one does; the smoothing that
+follows removes what the intermediate step aliases. Per scan, the clamped image and the validity
+mask are made once (:class:`WorkingSource`) and shared by every working image.
 """
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..geometry import Geometry
+from ..geometry import Geometry, box_from_points
 from ..io import Volume, apply_geometry, to_sitk
 
 #: HU range of the global alignment images: air .. dense bone. Values are stored as HU - low, so
@@ -38,7 +43,55 @@ def padding_value(array: np.ndarray) -> float | None:
     return low if np.count_nonzero(array == low) >= 0.05 * array.size else None
 
 
-def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
+class WorkingSource:
+    """One scan (or a block of it) ready for :func:`working_image`: its padding found once, its
+    clamped images and validity mask made once."""
+
+    def __init__(self, volume: Volume, pad: float | None | str = "find"):
+        self.volume = volume
+        self.pad = padding_value(volume.array) if pad == "find" else pad
+        self._clamped: dict[tuple, sitk.Image] = {}
+        self._validity: sitk.Image | None = None
+
+    def crop(self, lo_ijk, hi_ijk) -> "WorkingSource":
+        """A block of the scan (padding as found on the whole scan)."""
+        return WorkingSource(self.volume.crop(lo_ijk, hi_ijk), self.pad)
+
+    def clamped(self, hu_range: tuple[float, float]) -> sitk.Image:
+        if hu_range not in self._clamped:
+            image = to_sitk(self.volume)
+            if image.GetPixelID() != sitk.sitkFloat32:
+                image = sitk.Cast(image, sitk.sitkFloat32)
+            self._clamped[hu_range] = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]),
+                                                 float(hu_range[1])) - float(hu_range[0])
+        return self._clamped[hu_range]
+
+    def validity(self) -> sitk.Image:
+        if self._validity is None:
+            valid = (self.volume.array != self.pad if self.pad is not None
+                     else np.ones(self.volume.array.shape, bool))
+            mask = sitk.GetImageFromArray(valid.view(np.uint8))
+            apply_geometry(mask, self.volume.geometry)
+            self._validity = sitk.Cast(mask, sitk.sitkFloat32)
+        return self._validity
+
+    def data_box(self) -> np.ndarray:
+        """LPS box of the voxels that hold data (not padding)."""
+        geometry = self.volume.geometry
+        if self.pad is None:
+            return box_from_points(geometry.corners_lps())
+        valid = self.volume.array != self.pad
+        ranges = []
+        for axis in (2, 1, 0):  # i, j, k of an array [k, j, i]
+            hit = np.flatnonzero(valid.any(axis=tuple(a for a in range(3) if a != axis)))
+            if len(hit) == 0:
+                return box_from_points(geometry.corners_lps())
+            ranges.append((hit[0], hit[-1]))
+        corners = np.array([[a, b, c] for a in ranges[0] for b in ranges[1] for c in ranges[2]], float)
+        return box_from_points(geometry.ijk_to_lps(corners))
+
+
+def working_image(source: Volume | WorkingSource, spacing_mm: float, sigma_mm: float,
                   hu_range: tuple[float, float] = HU_RANGE) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(values, validity, geometry) on the working grid, arrays [k, j, i] float32.
 
@@ -46,36 +99,33 @@ def working_image(volume: Volume, spacing_mm: float, sigma_mm: float,
     validity: 1 where the scan has data, 0 on padding (see :func:`padding_value`), smoothed alike;
     the alignment leaves points on padding out of its similarity instead of reading them as air.
     """
-    target, ref = coarse_geometry(volume.geometry, spacing_mm), None  # ref: the grid to resample onto
-    if target.is_close(volume.geometry):
-        target = volume.geometry
-    else:
-        ref = sitk.Image([int(s) for s in target.size], sitk.sitkUInt8)
-        apply_geometry(ref, target)
+    source = source if isinstance(source, WorkingSource) else WorkingSource(source)
+    geometry = source.volume.geometry
+    target = coarse_geometry(geometry, spacing_mm)
+    between = coarse_geometry(geometry, spacing_mm / 2)
+
+    def grid(g: Geometry) -> sitk.Image | None:
+        if g.is_close(geometry):
+            return None
+        ref = sitk.Image([int(s) for s in g.size], sitk.sitkUInt8)
+        apply_geometry(ref, g)
+        return ref
+
+    to_between, to_target = grid(between), grid(target)
 
     def to_working_grid(full: sitk.Image) -> np.ndarray:
-        """Smooth, then resample: one full-resolution image at a time, so a large scan's peak
-        memory is a few copies of it, not of both channels."""
+        if to_between is not None:  # fine scan: resample first, smooth on the smaller grid
+            full = sitk.Resample(full, to_between, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         if sigma_mm > 0:
             full = sitk.SmoothingRecursiveGaussian(full, float(sigma_mm))
-        if ref is not None:
-            full = sitk.Resample(full, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        if to_target is not None:
+            full = sitk.Resample(full, to_target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(full)
 
-    image = to_sitk(volume)
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    image = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]), float(hu_range[1])) - float(hu_range[0])
-    values = to_working_grid(image)
-    del image
-    pad = padding_value(volume.array)
-    valid = volume.array != pad if pad is not None else np.ones(volume.array.shape, bool)
-    mask = sitk.GetImageFromArray(valid.view(np.uint8))
-    del valid
-    apply_geometry(mask, volume.geometry)
-    validity = to_working_grid(sitk.Cast(mask, sitk.sitkFloat32))
+    values = to_working_grid(source.clamped(hu_range))
+    validity = to_working_grid(source.validity())
     # Recursive Gaussians ring slightly: validity must stay a weight in [0, 1].
-    return values, np.clip(validity, 0.0, 1.0), target
+    return values, np.clip(validity, 0.0, 1.0), target if to_target is not None else geometry
 
 
 def grid_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> np.ndarray:

@@ -84,6 +84,14 @@ def _truncated(path: Path, keep: float) -> bytes:
     return data[: int(len(data) * keep)]
 
 
+def _damaged_inside(path: Path) -> bytes:
+    """The file's bytes with 200 of them changed halfway (its end, and a gzip trailer, intact)."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 200):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
 def _pickled_code_checkpoint(ctx) -> Path:
     class Payload:
         def __reduce__(self):
@@ -217,6 +225,9 @@ KINDS = [
     Kind("image-truncated-nii", "images",
          lambda c: c.localize(c.file("cut_ct.nii", _truncated(c.image("whole.nii", c.ct_image()), 0.5))),
          r".*cut_ct\.nii: the image data ends early \([\d,]+ of [\d,]+ bytes\).*Copy the file again$"),
+    Kind("image-damaged-inside-nii-gz", "images",  # ITK would read it, zeros where the damage is
+         lambda c: c.localize(c.file("flipped_ct.nii.gz", _damaged_inside(c.ct))),
+         r".*flipped_ct\.nii\.gz: the compressed data is damaged or ends early .*Copy the file again$"),
     Kind("image-corrupt-gzip", "images", lambda c: c.localize(c.file("bad_ct.nii.gz", b"\x1f\x8b" + b"\xff" * 300)),
          r".*bad_ct\.nii\.gz: the compressed data is damaged or ends early"),
     Kind("image-truncated-nrrd", "images",

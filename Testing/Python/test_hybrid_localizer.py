@@ -136,11 +136,11 @@ def test_only_long_head_foot_structures_are_cut_into_parts():
 
 
 def test_data_box_leaves_blanked_padding_out(geometry):
-    from MedLSAMLib.localizers.prepared import data_box
+    from MedLSAMLib.localizers.working import WorkingSource
 
     array = np.full(geometry.shape_kji, -1024.0, np.float32)
     array[4:15, 5:25, 6:30] = np.random.default_rng(0).normal(0, 50, (11, 20, 24))  # data in a block
-    box = data_box(Volume(array, geometry, "blanked"))
+    box = WorkingSource(Volume(array, geometry, "blanked")).data_box()
     corners = np.array([[i, j, k] for i in (6, 29) for j in (5, 24) for k in (4, 14)], float)
     assert np.allclose(box, box_from_points(geometry.ijk_to_lps(corners)), atol=1e-6)
 
@@ -347,3 +347,83 @@ def test_cli_localizer_choice_and_option_errors(templates, tmp_path):
                        encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["medlsam: error: --medlam-checkpoint is for --localizer medlam, not hybrid"]
+
+
+# --- any field of view (issue 21) -------------------------------------------------------------------
+def head_foot_block(volume: Volume, lo_mm: float, hi_mm: float) -> Volume:
+    """The slices of ``volume`` whose head-foot position (LPS z) lies in [lo_mm, hi_mm]."""
+    g = volume.geometry
+    ax = g.axial_axis
+    index = np.zeros((g.size[ax], 3))
+    index[:, ax] = np.arange(g.size[ax])
+    keep = np.flatnonzero((g.ijk_to_lps(index)[:, 2] >= lo_mm) & (g.ijk_to_lps(index)[:, 2] <= hi_mm))
+    lo, hi = np.zeros(3, int), np.asarray(g.size) - 1
+    lo[ax], hi[ax] = keep.min(), keep.max()
+    return volume.crop(lo, hi)
+
+
+def structure_z(labels: Volume, value: int) -> np.ndarray:
+    kji = np.argwhere(labels.array == value)
+    return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))[:, 2]
+
+
+def visible_truth(labels: Volume, value: int):
+    kji = np.argwhere(labels.array == value)
+    return box_from_points(labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))), len(kji)
+
+
+def test_a_short_slab_that_holds_the_parotids_finds_them(five_templates):
+    """A 60 mm parotid-region scan, much shorter than the templates' region: both parotids (fully
+    inside) are found; the brainstem, wholly outside, is absent."""
+    from MedLSAMLib.geometry import box_iou
+
+    ct_path, labels_path = hn_case("validation-pats/pt_202")
+    ct, labels = read_ct(ct_path), read_labels(labels_path)
+    z = np.concatenate([structure_z(labels, 3), structure_z(labels, 4)])
+    centre = (z.min() + z.max()) / 2
+    slab, slab_labels = (head_foot_block(v, centre - 30, centre + 30) for v in (ct, labels))
+    result = HybridLocalizer(five_templates, cache_dir=None).localize(slab)
+    for value, name in ((3, "RightParotid"), (4, "LeftParotid")):
+        truth, voxels = visible_truth(slab_labels, value)
+        assert voxels > 0.8 * (labels.array == value).sum()  # the test means something: mostly inside
+        found = result.structures[name]
+        assert found.present and box_iou(np.array(found.box_lps), truth) >= 0.4, (name, found.box_lps, truth)
+        assert found.evidence["visible_fraction"] > 0.6
+    assert not (slab_labels.array == 1).any() and result.structures["Brainstem"].present is False
+
+
+def test_a_structure_cut_to_a_quarter_is_present_with_its_visible_part(five_templates):
+    """A scan that ends where only the top quarter of the spinal cord is left: the cord is present,
+    says it is partly shown, and its box is that of the part the scan shows."""
+    from MedLSAMLib.geometry import box_iou
+
+    ct_path, labels_path = hn_case("validation-pats/pt_202")
+    ct, labels = read_ct(ct_path), read_labels(labels_path)
+    cord = np.sort(structure_z(labels, 2))
+    level = cord[int(0.75 * len(cord))]  # three quarters of the cord's voxels lie below
+    cut, cut_labels = (head_foot_block(v, level, 1e4) for v in (ct, labels))
+    truth, voxels = visible_truth(cut_labels, 2)
+    assert 0.15 < voxels / len(cord) < 0.35
+    found = HybridLocalizer(five_templates, cache_dir=None).localize(cut).structures["SpinalCord"]
+    assert found.present, found.evidence
+    assert 0.1 < found.evidence["visible_fraction"] < 0.6
+    assert box_iou(np.array(found.box_lps), truth) >= 0.4, (found.box_lps, truth)
+
+
+def test_a_template_of_another_body_region_gives_no_confident_box(five_templates, tmp_path):
+    """An abdomen template on a head-and-neck scan, and head-and-neck templates on an abdomen scan:
+    whatever is reported present is flagged for review (confidence below REVIEW_BELOW)."""
+    from MedLSAMLib.results import REVIEW_BELOW
+
+    abdomen = SHARED / "data" / "totalseg_abdomen"
+    if not abdomen.exists():
+        pytest.skip(f"needs {abdomen} (the shared data folder beside the repository)")
+    abd_ct = abdomen / "ts_abdpelvis_ct_3mm.nii.gz"
+    abd_template = template_from_labels(abd_ct, abdomen / "ts_abdpelvis_totalseg_labels_3mm.nii.gz",
+                                        [(1, "Spleen"), (5, "Liver"), (6, "Stomach"), (7, "Pancreas")],
+                                        tmp_path / "abdomen").directory
+    on_head = HybridLocalizer([abd_template], cache_dir=None).localize(read_ct(hn_case("validation-pats/pt_202")[0]))
+    on_abdomen = HybridLocalizer(five_templates, cache_dir=None).localize(read_ct(abd_ct))
+    for result in (on_head, on_abdomen):
+        confident = {n: s.confidence for n, s in result.structures.items() if s.present and s.confidence >= REVIEW_BELOW}
+        assert not confident, confident
