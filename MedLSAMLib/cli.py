@@ -310,6 +310,8 @@ def _cmd_segment(args) -> int:
         for n in names:
             st = c.structures.get(n)
             text = "-" if not st else ("absent" if not st.present else f"{st.confidence:.2f}")
+            if st and st.present and st.visible_fraction is not None and st.visible_fraction < 0.95:
+                text += f" ({100 * st.visible_fraction:.0f}%)"  # the scan shows only this share of it
             cells.append(f"{text:>12}")
         status = "earlier" if c.resumed else c.status
         print(f"{c.case:<24} {status:<8} {c.seconds:6.1f}  " + "  ".join(cells))
@@ -318,7 +320,8 @@ def _cmd_segment(args) -> int:
     counts = summary.counts
     print(f"\n{counts['ok'] - counts['resumed']} segmented, {counts['resumed']} finished earlier (--resume), "
           f"{counts['failed']} failed; "
-          f"outputs in {args.out} (confidence per structure above; review < {REVIEW_BELOW})")
+          f"outputs in {args.out} (confidence per structure above, (N%): the share of a structure the scan shows; "
+          f"review < {REVIEW_BELOW})")
     return 1 if counts["failed"] else 0
 
 

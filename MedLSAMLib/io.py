@@ -354,7 +354,10 @@ def check_ct(volume: Volume) -> None:
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise InputError(f"{volume.name or 'image'}: {bad:,} of {arr.size:,} voxels are not numbers (NaN or "
                          "infinite); not a valid CT: export the scan again")
-    low = float(np.percentile(arr, 1.0)) if arr.size else 0.0
+    # the 1st percentile of about 2 million evenly spread voxels: the same answer as of all of them
+    # to within a few HU, without sorting a 512 x 512 x 600 scan
+    step = max(1, arr.size // 2_000_000)
+    low = float(np.percentile(arr.reshape(-1)[::step], 1.0)) if arr.size else 0.0
     if low > -500:
         raise InputError(
             f"{volume.name or 'image'}: does not look like a CT in Hounsfield units "

@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields, replace
 
-#: Confidence under which a structure is flagged for review, everywhere (CLI tables, Slicer results).
-REVIEW_BELOW = 0.3
+#: Confidence under which a structure is flagged for review, everywhere (CLI tables, Slicer results,
+#: summary.json). The hybrid localizer's confidence is the calibrated probability that its box is
+#: right: below 0.5 the box is more likely wrong than right (docs/results.md, "Any field of view").
+REVIEW_BELOW = 0.5
 
 
 def json_text(doc: dict) -> str:

@@ -39,10 +39,11 @@ class FusionSettings:
     visible_boxes: bool = True
     # Confidence: the probability that the box is right (IoU >= 0.4 with the part of the structure
     # the scan shows), from the evidence (CONFIDENCE_FEATURES) by a logistic model: intercept,
-    # then one weight per feature. Fitted by benchmarks/confidence_fit.py on hard cases built
-    # from 8 scans that are neither dev scans nor templates (docs/results.md). None: the old
-    # heuristic product (agreement x match x templates used).
-    confidence_weights: tuple | None = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    # then one weight per feature. Fitted by benchmarks/confidence_fit.py on the hard cases
+    # built from 8 scans that are neither dev scans nor templates (docs/bench/confidence_fit.md;
+    # judged on the dev scans' in docs/results.md). None: the sixth session's heuristic
+    # (agreement x match x templates used).
+    confidence_weights: tuple | None = (-13.709, 13.871, 2.471, 1.019, 4.122, 2.119)
 
 
 @dataclass

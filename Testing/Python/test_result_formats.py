@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedLSAMLib.results import (BatchSummary, CaseRecord, Localization, Segmented, StructureResult,
+from MedLSAMLib.results import (REVIEW_BELOW, BatchSummary, CaseRecord, Localization, Segmented, StructureResult,
                                 StructureSummary, json_text)
 
 from conftest import REPO, hn_case
@@ -69,7 +69,7 @@ def _entry(**changes) -> StructureResult:
 def test_one_review_rule():
     assert not _entry().needs_review()
     assert _entry(present=False).needs_review()
-    assert _entry(confidence=0.29).needs_review() and not _entry(confidence=0.3).needs_review()
+    assert _entry(confidence=REVIEW_BELOW - 0.01).needs_review() and not _entry(confidence=REVIEW_BELOW).needs_review()
     assert _entry().with_segmentation(Segmented(0)).needs_review(), "an empty mask is reviewed"
     assert not _entry().with_segmentation(Segmented(10, 3, 12)).needs_review()
     assert StructureSummary(True, 0.9, None).needs_review() is False  # localized only: no mask to judge

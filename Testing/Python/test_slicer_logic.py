@@ -8,6 +8,7 @@ import pytest
 from MedLSAMLib.geometry import Geometry
 from MedLSAMLib.io import read_ct, read_labels
 from MedLSAMLib.pipeline import CohortSegmenter, run_cohort
+from MedLSAMLib.results import REVIEW_BELOW
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.segment.slices import SegmentOptions
 from MedLSAMLib.settings import RunSettings
@@ -116,7 +117,7 @@ def test_cohort_run_polled_like_the_panel_keeps_mrml_on_the_main_thread_and_canc
     assert scene.GetFirstNodeByName("pt_203_ct MedLSAM") is None  # the cancelled case left nothing behind
     for r in run.results[::2]:
         assert set(r.structures) == {"Mandible"} and r.seconds > 0
-        assert r.review == [n for n, st in r.structures.items() if not st.present or st.confidence < 0.3 or not st.voxels]
+        assert r.review == [n for n, st in r.structures.items() if not st.present or st.confidence < REVIEW_BELOW or not st.voxels]
 
 
 def test_self_test_scenario_passes_on_real_mrml(scene, tmp_path):
