@@ -41,6 +41,21 @@ class Volume:
     def with_array(self, array: np.ndarray, name: str | None = None) -> "Volume":
         return Volume(array, self.geometry, self.name if name is None else name, dict(self.meta))
 
+    def head_foot_slab(self, lo_mm: float, hi_mm: float) -> "Volume | None":
+        """The slices whose head-foot position (LPS z) lies in [lo_mm, hi_mm]: a shorter scan of
+        the same patient; None when fewer than 3 slices do."""
+        g = self.geometry
+        ax = g.axial_axis
+        index = np.zeros((g.size[ax], 3))
+        index[:, ax] = np.arange(g.size[ax])
+        z = g.ijk_to_lps(index)[:, 2]
+        keep = np.flatnonzero((z >= lo_mm - 1e-3) & (z <= hi_mm + 1e-3))
+        if len(keep) < 3:
+            return None
+        lo, hi = np.zeros(3, int), np.asarray(g.size) - 1
+        lo[ax], hi[ax] = keep.min(), keep.max()
+        return self.crop(lo, hi)
+
     def crop(self, lo_ijk, hi_ijk) -> "Volume":
         """The block ``lo_ijk``..``hi_ijk`` (inclusive, clipped to the image), copied."""
         lo = np.clip(np.asarray(lo_ijk, int), 0, np.asarray(self.geometry.size) - 1)

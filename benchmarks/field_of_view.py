@@ -29,11 +29,10 @@ import json
 import time
 
 import numpy as np
-import SimpleITK as sitk
 
 from MedLSAMLib.evaluate import _mask_box_lps
 from MedLSAMLib.geometry import box_iou
-from MedLSAMLib.io import Volume, from_sitk, read_ct, to_sitk
+from MedLSAMLib.io import Volume, read_ct
 from MedLSAMLib.localizers.fusion import FusionSettings
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings
@@ -46,22 +45,6 @@ FOUND_IOU, WRONG_IOU, CONFIDENT = 0.4, 0.2, 0.3
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def head_foot_slab(volume: Volume, lo_mm: float, hi_mm: float) -> Volume | None:
-    """The slices of ``volume`` whose head-foot (LPS z) position lies in [lo_mm, hi_mm]; None if
-    fewer than 3 do."""
-    g = volume.geometry
-    ax = g.axial_axis
-    index = np.zeros((g.size[ax], 3))
-    index[:, ax] = np.arange(g.size[ax])
-    z = g.ijk_to_lps(index)[:, 2]
-    keep = np.flatnonzero((z >= lo_mm - 1e-3) & (z <= hi_mm + 1e-3))
-    if len(keep) < 3:
-        return None
-    start, size = [0, 0, 0], list(g.size)
-    start[ax], size[ax] = int(keep.min()), int(keep.max() - keep.min() + 1)
-    return from_sitk(sitk.RegionOfInterest(to_sitk(volume), size, start), volume.name)
-
-
 def hard_cases(ct: Volume, labels: Volume):
     """(kind, CT, labels) of every hard case built from one scan."""
     kji = np.argwhere(np.isin(labels.array, [v for v, _ in CORE5]))
@@ -71,11 +54,11 @@ def hard_cases(ct: Volume, labels: Volume):
     for height in (40, 80, 120):
         for at in (0.25, 0.5, 0.75):
             centre = lo + at * (hi - lo)
-            yield f"slab{height}", *(head_foot_slab(v, centre - height / 2, centre + height / 2) for v in (ct, labels))
+            yield f"slab{height}", *(v.head_foot_slab(centre - height / 2, centre + height / 2) for v in (ct, labels))
     for at in (1 / 3, 2 / 3):
         level = lo + at * (hi - lo)
-        yield "above", *(head_foot_slab(v, level, 1e4) for v in (ct, labels))
-        yield "below", *(head_foot_slab(v, -1e4, level) for v in (ct, labels))
+        yield "above", *(v.head_foot_slab(level, 1e4) for v in (ct, labels))
+        yield "below", *(v.head_foot_slab(-1e4, level) for v in (ct, labels))
 
 
 def score(result, labels: Volume | None, full: Volume | None, structures) -> list[dict]:

@@ -124,9 +124,11 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def write_results(out: str | Path, data: dict, markdown: str | None = None) -> Path:
-    """``OUT.json`` (and ``OUT.md`` with the table, which is printed too)."""
+def write_results(out: str | Path, data: dict, markdown: str | list[str] | None = None) -> Path:
+    """``OUT.json`` (and ``OUT.md`` with the table, text or lines, which is printed too)."""
     out = Path(out)
+    if isinstance(markdown, list):
+        markdown = "\n".join(markdown)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=float))
     if markdown is not None:

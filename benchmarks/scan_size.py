@@ -27,6 +27,8 @@ from segmentation import mean_dice, scores
 
 KINDS = ("labels", "points")
 STAGES = ("read", "localize", "postprocess", "write", "total")
+NOTE = ("{queries} dev scans; {machine}; each case run once before it is timed; "
+        "total = read + localize + segment + write (``segment_case``).")
 
 
 def resized(volume, size, linear: bool):
@@ -73,7 +75,7 @@ def main():
     write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
-def markdown(rows, meta) -> str:
+def markdown(rows, meta) -> list[str]:
     lines = table_head(["scan", "templates hold", "cases", *[f"{s} s, mean (max)" for s in STAGES], "ratio to stored",
                         "mean Dice %"])
     for size in ("stored", "large"):
@@ -84,9 +86,7 @@ def markdown(rows, meta) -> str:
             lines.append(f"| {'x'.join(map(str, mine[0]['voxels']))} ({size}) | {kind} | {len(mine)} | "
                          + " | ".join(mean_max([r["timing_s"].get(s, 0.0) for r in mine]) for s in STAGES)
                          + f" | {ratio:.2f} | {100 * np.mean([r['dice'] for r in mine]):.1f} |")
-    lines += ["", f"{meta['queries']} dev scans; {meta['machine']}; each case run once before it is timed; "
-              "total = read + localize + segment + write (``segment_case``)."]
-    return "\n".join(lines)
+    return lines + ["", NOTE.format(**meta)]
 
 
 if __name__ == "__main__":

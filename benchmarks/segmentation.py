@@ -198,16 +198,20 @@ def main():
     partial.unlink(missing_ok=True)
 
 
-def markdown(rows, meta) -> str:
+def structure_cells(rows, name: str, arms) -> list[str]:
+    """"Dice % / HD95 mm" of one structure per arm, over the rows (cases) that hold it."""
+    cells = []
+    for a in arms:
+        vals = [r["arms"][a][name] for r in rows if name in r["arms"][a]]
+        cells.append(f"{100 * np.nanmean([v['dice'] for v in vals]):.1f} / {np.nanmean([v['hd95'] for v in vals]):.1f}")
+    return cells
+
+
+def markdown(rows, meta) -> list[str]:
     arms = list(rows[0]["arms"])
-    fmt = lambda xs, k: f"{np.nanmean(xs) * (100 if k == 'dice' else 1):.1f}"  # noqa: E731
     lines = table_head(["structure"] + [f"{a} Dice % / HD95 mm" for a in arms] + ["paper MedLAM + MedSAM Dice %"])
     for _, name in CORE5:
-        cells = []
-        for a in arms:
-            vals = [r["arms"][a][name] for r in rows if name in r["arms"][a]]
-            cells.append(f"{fmt([v['dice'] for v in vals], 'dice')} / {fmt([v['hd95'] for v in vals], 'hd95')}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {PAPER_DSC[name]} |")
+        lines.append(f"| {name} | " + " | ".join(structure_cells(rows, name, arms)) + f" | {PAPER_DSC[name]} |")
     lines.append("| **mean** | " + " | ".join(
         f"**{100 * np.mean([mean_dice(r['arms'][a]) for r in rows]):.1f}**" for a in arms) + " | |")
     p = [r["timing_s"]["pipeline"] for r in rows]
@@ -233,7 +237,7 @@ def markdown(rows, meta) -> str:
               "", f"{meta['queries']} queries; {meta['machine']}; segmenter {meta['segmenter']['name']} on "
               f"{meta['segmenter']['runtime']}. Loading the segmenter {meta['load_segmenter_s']:.1f} s, preparing the "
               f"templates {meta['prepare_templates_s']:.1f} s (once per run). Peak RSS {meta['peak_rss_mb']:.0f} MB."]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main():
     write_results(args.out, {"machine": machine(), "queries": len(cases), "rows": rows}, markdown(rows, len(cases)))
 
 
-def markdown(rows, queries) -> str:
+def markdown(rows, queries) -> list[str]:
     counts = sorted({r["templates"] for r in rows})
     lines = table_head(["templates hold"] + [f"{k} templates: Dice % / box IoU %" for k in counts])
     for kind in KINDS:
@@ -66,7 +66,7 @@ def markdown(rows, queries) -> str:
         lines.append(f"| {kind}: s per case | " + " | ".join(cells.get(k, "-") for k in counts) + " |")
     lines += ["", f"{queries} dev queries; templates: the first K of support_candidates_core5 (the protocol's "
               "five are the first five); mean over the five structures."]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions
 
 from harness import CORE5, Bench, arguments, machine, mean_max, points_only, table_head, write_results
-from segmentation import mean_dice, scores
+from segmentation import mean_dice, scores, structure_cells
 
 
 ARMS = ("labels", "points", "points_sam", "points_blend")
@@ -89,15 +89,11 @@ def main():
     write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
 
-def markdown(rows, meta) -> str:
+def markdown(rows, meta) -> list[str]:
     arms = list(rows[0]["arms"])
     lines = table_head(["structure"] + [f"{a} Dice % / HD95 mm" for a in arms])
     for _, name in CORE5:
-        cells = []
-        for a in arms:
-            vals = [r["arms"][a][name] for r in rows if name in r["arms"][a]]
-            cells.append(f"{100 * np.mean([v['dice'] for v in vals]):.1f} / {np.nanmean([v['hd95'] for v in vals]):.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(structure_cells(rows, name, arms)) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{100 * np.mean([mean_dice(r['arms'][a]) for r in rows]):.1f}**"
                                              for a in arms) + " |")
     lines.append("| s per case, mean (max) | " + " | ".join(
@@ -106,7 +102,7 @@ def markdown(rows, meta) -> str:
         f"{meta['prepare_templates_s'][a]:.1f}" for a in arms) + " |")
     lines += ["", f"{meta['queries']} queries of {meta.get('scan_size')} voxels (last; spacing {meta.get('scan_spacing')} mm); "
               f"{meta['machine']}; the case read once, outside the timings."]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -143,11 +143,14 @@ class HybridLocalizer:
         if len(body) < 100:
             raise InputError("no body found in the image (is it empty or all air?)")
         q_centroid = coarse.geometry.ijk_to_lps(body[:, ::-1].astype(float)).mean(0)
-        reach = 0.0
-        if st.search_beyond_fov:  # how far each template's centre can lie beyond the query's ends
+        if st.search_beyond_fov:  # how far each template's centre can lie beyond the query's data
             # (only as far as a short query needs: 58.4 % Dice on dev against 60.3 %, docs/results.md)
             reach = max(float(np.max(np.abs(p.global_points[:, 2] - p.centroid[2]))) for p in self.prepared)
-        z_starts = np.arange(fov[0, 2] - reach, fov[1, 2] + reach + 1e-6, st.search_step_mm)
+            z_range = (fov[0, 2] - reach, fov[1, 2] + reach)
+        else:  # the sixth session's range: the query's grid
+            grid = box_from_points(coarse.geometry.corners_lps())
+            z_range = (grid[0, 2], grid[1, 2])
+        z_starts = np.arange(z_range[0], z_range[1] + 1e-6, st.search_step_mm)
         n_t, n_z = len(self.prepared), len(z_starts)
         # 1. translation-only search: score every (template, head-foot start), keep the best few.
         pts, vals, shifts, centres = [], [], [], []

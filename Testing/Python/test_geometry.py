@@ -191,3 +191,29 @@ def test_radiological_axial_view_has_anterior_up_and_patient_right_on_the_left(d
     assert rows.mean() < 10 and cols.mean() < 10, "anterior-right marker at the top left"
     rows, cols = np.nonzero(view == 1.0)
     assert rows.mean() > 10 and cols.mean() > 10, "posterior-left marker at the bottom right"
+
+
+def test_a_crop_keeps_every_voxel_where_it_was(geometry):
+    """Volume.crop / head_foot_slab on identity, oblique and permuted grids: the block's voxels are
+    the same voxels at the same LPS positions; a slab keeps exactly the slices in its z range."""
+    from MedLSAMLib.io import Volume
+
+    array = np.random.default_rng(1).normal(size=geometry.shape_kji).astype(np.float32)
+    volume = Volume(array, geometry, "v")
+    lo, hi = np.array([3, 4, 5]), np.array([20, 15, 11])
+    block = volume.crop(lo, hi)
+    assert block.array.shape == tuple((hi - lo + 1)[::-1])
+    assert np.array_equal(block.array, array[5:12, 4:16, 3:21])
+    ijk = np.array([[0.0, 0.0, 0.0], [4.0, 2.0, 3.0]])
+    assert np.allclose(block.geometry.ijk_to_lps(ijk), geometry.ijk_to_lps(ijk + lo))
+    centres = geometry.ijk_to_lps(np.indices(geometry.size).reshape(3, -1).T.astype(float))
+    z_lo, z_hi = np.percentile(centres[:, 2], [30, 70])
+    slab = volume.head_foot_slab(z_lo, z_hi)
+    kept = slab.geometry.ijk_to_lps(np.indices(slab.geometry.size).reshape(3, -1).T.astype(float))[:, 2]
+    ax = geometry.axial_axis
+    extent = np.abs(geometry.direction[2, :]) @ (geometry.spacing * (np.asarray(geometry.size) - 1))
+    # whole slices along the axis nearest head-foot: their centres' z stay within the range, give
+    # or take the slice's own tilt on an oblique grid
+    tilt = extent - np.abs(geometry.direction[2, ax]) * geometry.spacing[ax] * (geometry.size[ax] - 1)
+    assert kept.min() >= z_lo - tilt - 1e-6 and kept.max() <= z_hi + tilt + 1e-6
+    assert slab.geometry.size[ax] < geometry.size[ax]

@@ -350,18 +350,6 @@ def test_cli_localizer_choice_and_option_errors(templates, tmp_path):
 
 
 # --- any field of view (issue 21) -------------------------------------------------------------------
-def head_foot_block(volume: Volume, lo_mm: float, hi_mm: float) -> Volume:
-    """The slices of ``volume`` whose head-foot position (LPS z) lies in [lo_mm, hi_mm]."""
-    g = volume.geometry
-    ax = g.axial_axis
-    index = np.zeros((g.size[ax], 3))
-    index[:, ax] = np.arange(g.size[ax])
-    keep = np.flatnonzero((g.ijk_to_lps(index)[:, 2] >= lo_mm) & (g.ijk_to_lps(index)[:, 2] <= hi_mm))
-    lo, hi = np.zeros(3, int), np.asarray(g.size) - 1
-    lo[ax], hi[ax] = keep.min(), keep.max()
-    return volume.crop(lo, hi)
-
-
 def structure_z(labels: Volume, value: int) -> np.ndarray:
     kji = np.argwhere(labels.array == value)
     return labels.geometry.ijk_to_lps(kji[:, ::-1].astype(float))[:, 2]
@@ -381,7 +369,7 @@ def test_a_short_slab_that_holds_the_parotids_finds_them(five_templates):
     ct, labels = read_ct(ct_path), read_labels(labels_path)
     z = np.concatenate([structure_z(labels, 3), structure_z(labels, 4)])
     centre = (z.min() + z.max()) / 2
-    slab, slab_labels = (head_foot_block(v, centre - 30, centre + 30) for v in (ct, labels))
+    slab, slab_labels = (v.head_foot_slab(centre - 30, centre + 30) for v in (ct, labels))
     result = HybridLocalizer(five_templates, cache_dir=None).localize(slab)
     for value, name in ((3, "RightParotid"), (4, "LeftParotid")):
         truth, voxels = visible_truth(slab_labels, value)
@@ -400,7 +388,7 @@ def test_a_structure_cut_to_a_quarter_is_present_with_its_visible_part(five_temp
     ct, labels = read_ct(ct_path), read_labels(labels_path)
     cord = np.sort(structure_z(labels, 2))
     level = cord[int(0.75 * len(cord))]  # three quarters of the cord's voxels lie below
-    cut, cut_labels = (head_foot_block(v, level, 1e4) for v in (ct, labels))
+    cut, cut_labels = (v.head_foot_slab(level, 1e4) for v in (ct, labels))
     truth, voxels = visible_truth(cut_labels, 2)
     assert 0.15 < voxels / len(cord) < 0.35
     found = HybridLocalizer(five_templates, cache_dir=None).localize(cut).structures["SpinalCord"]
