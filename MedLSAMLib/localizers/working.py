@@ -4,11 +4,11 @@ Template and query go through the same function, so their values are comparable.
 the scan's own axis directions (no resampling error from a rotation) and only coarsens axes whose
 spacing is finer than asked.
 
-Cost is set by the working grid, not by the scan: a fine scan is first resampled to an
-intermediate grid of half the working spacing (linear interpolation costs per output voxel) and
-smoothed there, so a 512 x 512 x 600 CT costs about what a 128^3 one does; the smoothing that
-follows removes what the intermediate step aliases. Per scan, the clamped image and the validity
-mask are made once (:class:`WorkingSource`) and shared by every working image.
+A fine scan is first resampled to an intermediate grid of half the working spacing (linear
+interpolation costs per output voxel) and smoothed there, not at full resolution; the smoothing
+removes what the intermediate step aliases. Per scan, the clamped image and the validity mask are
+made once (:class:`WorkingSource`) and shared by every working image. What a 512 x 512 x 300 scan
+still costs, and where: docs/results.md ("Seconds per case against scan size").
 """
 from __future__ import annotations
 
