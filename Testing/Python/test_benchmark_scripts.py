@@ -111,3 +111,24 @@ def test_template_kinds_and_count_benchmarks(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["kind"], r["templates"]) for r in rows] == [("labels", 1), ("labels", 2), ("points", 1), ("points", 2)]
     assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["iou"] <= 1.0 for r in rows)
+
+
+def test_field_of_view_benchmark_and_the_confidence_fit(tmp_path):
+    """Full scan and the other-region cases of one query (the slabs and cuts take minutes); then the
+    calibration script fits on those rows and checks the product's weights on them."""
+    if not (SHARED / "data" / "totalseg_abdomen").exists():
+        pytest.skip("needs the shared abdomen CT (data/totalseg_abdomen)")
+    out = tmp_path / "fov"
+    run_script("field_of_view.py", "--limit", "1", "--kinds", "full", "abdomen", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    kinds = result["summary"]["default"]["kinds"]
+    assert kinds["full"]["half_shown"] == 5 and kinds["full"]["found"] >= 4
+    assert kinds["abdomen"]["structures"] == 9  # 5 head-and-neck structures on the abdomen, 4 abdominal ones here
+    assert {"visible_fraction", "global_match"} <= set(result["rows"][0]["evidence"])
+    fit = subprocess.run([sys.executable, str(BENCH / "confidence_fit.py"), str(out.with_suffix(".json")),
+                          "--out", str(tmp_path / "fit")], capture_output=True, encoding="utf-8", errors="replace")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert len(json.loads((tmp_path / "fit.json").read_text())["weights"]) == 6
+    check = subprocess.run([sys.executable, str(BENCH / "confidence_fit.py"), str(out.with_suffix(".json")), "--check"],
+                           capture_output=True, encoding="utf-8", errors="replace")
+    assert check.returncode == 0 and "Product weights" in check.stdout, check.stderr[-2000:]
