@@ -197,11 +197,10 @@ def nifti_checked(path: Path, keep: bool = True):
 
     compressed = path.name.lower().endswith(".gz")
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if not compressed or magic != b"\x1f\x8b":  # plain NIfTI, or not gzip at all (the reader says so)
+        head = f.read(544)
+    if not compressed or head[:2] != b"\x1f\x8b":  # plain NIfTI, or not gzip at all (the reader says so)
         if not compressed:
-            with open(path, "rb") as f:
-                expected = _nifti_data_end(f.read(544), struct)
+            expected = _nifti_data_end(head, struct)
             total = os.path.getsize(path)
             if expected is not None and total < expected:
                 raise InputError(f"{path}: the image data ends early ({total:,} of {expected:,} bytes): an "

@@ -29,7 +29,7 @@ def examples(rows: list[dict], arm: str | None):
     """(features [N, F], right [N] bool) of the present structures of one arm's rows."""
     keep = [r for r in rows if r["present"] and (arm is None or r["arm"] == arm)
             and (r["iou"] >= GOOD or r["iou"] < WRONG)]
-    x = np.array([confidence_features(r["evidence"], r.get("templates", 5)) for r in keep])
+    x = np.array([confidence_features(r["evidence"], r["templates"]) for r in keep])
     return x, np.array([r["iou"] >= GOOD for r in keep])
 
 
