@@ -128,6 +128,17 @@ class Geometry:
         return self.contains_ijk(self.lps_to_ijk(lps), tolerance)
 
     @property
+    def spacing_lps(self) -> np.ndarray:
+        """Voxel size along L, P and S (mm): each index axis's spacing, weighted by how much that
+        axis points along L, P or S (exact for axis-aligned and permuted grids)."""
+        return np.abs(self.direction) @ self.spacing
+
+    def index_spacing(self, spacing_lps) -> np.ndarray:
+        """A size given along L, P and S, expressed along this grid's i, j, k (the inverse of
+        :attr:`spacing_lps`'s weighting)."""
+        return np.abs(self.direction).T @ np.asarray(spacing_lps, dtype=float)
+
+    @property
     def axial_axis(self) -> int:
         """Index (0=i, 1=j, 2=k) of the voxel axis closest to the head-foot (z) direction."""
         return int(np.argmax(np.abs(self.direction[2, :])))

@@ -22,6 +22,9 @@ shown. Found: present with IoU >= 0.4. Confident-wrong: present, confidence >= 0
 ``--scans other``: 30 support candidates that are neither dev scans nor templates (where the
 confidence is calibrated, so that dev stays a test). ``--arms`` compares settings in one run:
 ``NAME='{"hybrid": {...}, "fusion": {...}}'`` (default: the product's settings as ``default``).
+``--templates labels points``: every arm with label-map templates and with the same templates
+holding only their six points per structure (what the Slicer panel saves); the points arms are
+named ``NAME/points``.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings
 from MedLSAMLib.templates import template_from_labels
 
-from harness import CORE5, Bench, add_scan_set_option, arguments, table_head, write_results
+from harness import CORE5, Bench, add_scan_set_option, arguments, points_only, table_head, write_results
 
 ABDOMEN = [(1, "Spleen"), (5, "Liver"), (6, "Stomach"), (7, "Pancreas")]  # TotalSegmentator label values
 FOUND_IOU, WRONG_IOU, CONFIDENT = 0.4, 0.2, 0.3
@@ -105,6 +108,8 @@ def main():
     add_scan_set_option(ap, "--scans", "other", "the 16 dev scans")
     ap.add_argument("--arms", nargs="+", default=["default={}"], metavar="NAME=JSON")
     ap.add_argument("--kinds", nargs="+", help="only these case kinds (default: all)")
+    ap.add_argument("--templates", nargs="+", choices=("labels", "points"), default=["labels"],
+                    help="what the templates hold: label maps, six points per structure, or both")
     args = ap.parse_args()
     bench = Bench(args, "fov")
     cases = bench.dev_cases() if args.scans == "dev" else bench.other_cases()
@@ -112,13 +117,19 @@ def main():
     abd_ct, abd_labels = (abdomen_dir / "ts_abdpelvis_ct_3mm.nii.gz", abdomen_dir / "ts_abdpelvis_totalseg_labels_3mm.nii.gz")
     hn_dirs = bench.templates()
     abd_dir = template_from_labels(abd_ct, abd_labels, ABDOMEN, bench.work / "abdomen").directory
-    arms = {}
+    held = {"labels": {"hn": hn_dirs, "abdomen": [abd_dir]},
+            "points": {"hn": [points_only(d, bench.work / "points" / d.name) for d in hn_dirs],
+                       "abdomen": [points_only(abd_dir, bench.work / "points" / "abdomen")]}}
+    arms, specs = {}, {}
     for spec in args.arms:
         name, _, text = spec.partition("=")
         conf = json.loads(text or "{}")
-        arms[name] = {kind: HybridLocalizer(dirs, cache_dir=None, settings=HybridSettings(**conf.get("hybrid", {})),
-                                            fusion=FusionSettings(**conf.get("fusion", {})))
-                      for kind, dirs in (("hn", hn_dirs), ("abdomen", [abd_dir]))}
+        for hold in args.templates:
+            arm = name if hold == "labels" else f"{name}/points"
+            specs[arm] = spec
+            arms[arm] = {kind: HybridLocalizer(dirs, cache_dir=None, settings=HybridSettings(**conf.get("hybrid", {})),
+                                               fusion=FusionSettings(**conf.get("fusion", {})))
+                         for kind, dirs in held[hold].items()}
     rows, seconds = [], {a: [] for a in arms}
     wanted = set(args.kinds or [])
 
@@ -151,7 +162,7 @@ def main():
     summary = {a: {"kinds": summarize([r for r in rows if r["arm"] == a]),
                    "flags": flag_table([r for r in rows if r["arm"] == a]),
                    "seconds_per_case": float(np.mean(seconds[a]))} for a in arms}
-    write_results(args.out, {"arms": {a: spec for a, spec in zip(arms, args.arms)}, "scans": args.scans,
+    write_results(args.out, {"arms": specs, "scans": args.scans, "templates": args.templates,
                              "queries": len(cases), "summary": summary, "rows": rows}, markdown(summary))
 
 

@@ -92,7 +92,7 @@ class HybridLocalizer:
         t_global = time.perf_counter()
         with torch.no_grad():  # the local stage's image: only the block its points can reach
             fine = self._query_image(source.crop(*self._local_block(volume.geometry, first_global)),
-                                     st.local_spacing_mm, st.local_sigma_mm, st.local_hu_range)
+                                     self._local_spacing(volume.geometry), st.local_sigma_mm, st.local_hu_range)
         t_fine = time.perf_counter()
         local_maps, local_scores = self._local(fine, global_maps, range(len(self.prepared)))
         realigned = self._realign_outliers(fine, global_maps, local_maps, local_scores) if st.realign_outliers else []
@@ -114,6 +114,12 @@ class HybridLocalizer:
     def _query_image(self, source: WorkingSource, spacing: float, sigma: float, hu_range=HU_RANGE) -> QueryImage:
         arr, valid, geo = working_image(source, spacing, sigma, hu_range)
         return QueryImage.from_array(arr, geo, self.device, valid)
+
+    def _local_spacing(self, geometry: Geometry) -> np.ndarray:
+        """The local image's spacing along the query's i, j, k: the setting, raised towards the
+        templates' own detail (HybridSettings.local_detail_fraction)."""
+        detail = np.min([p.detail_lps for p in self.prepared], axis=0) * self.settings.local_detail_fraction
+        return np.maximum(self.settings.local_spacing_mm, geometry.index_spacing(detail))
 
     def _local_block(self, geometry: Geometry, global_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ijk block (inclusive) of the query that the local stage can reach: every template's

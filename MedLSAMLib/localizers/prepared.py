@@ -61,6 +61,12 @@ class HybridSettings:
     # The query block the local stage works on reaches this far beyond the globally mapped
     # structure neighbourhoods (the local affines move them by far less).
     local_block_margin_mm: float = 40.0
+    # The query's local image is made no finer than this fraction of the templates' own local
+    # spacing (per L, P, S axis; the finest template decides): finer query detail has nothing to
+    # match in the templates and costs time on a 512 x 512 scan (docs/results.md, "Seconds per
+    # case against scan size"). A query within 10 % of the templates' detail is used as it is.
+    # 0: the query at local_spacing_mm whatever the templates.
+    local_detail_fraction: float = 0.9
     local_final_lr: float = 0.1  # cosine decay of the local step sizes: +0.6 IoU points on dev (docs)
     realign_outliers: bool = True  # a template left out of the consensus gets a second start
     # A structure longer than 1.5 x this (head-foot, mm) is also aligned in parts of about this
@@ -109,6 +115,8 @@ class PreparedTemplate:
     # Long structures' head-foot parts (HybridSettings.part_length_mm), inferior to superior;
     # each part's shape is its slab of the structure's shape.
     parts: dict[str, list[PreparedStructure]] = field(default_factory=dict)
+    # Spacing of the template's local working image along L, P, S (mm): the detail it can match.
+    detail_lps: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
 def _values_at(working, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,11 +167,11 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
         raise InputError(f"template {template.name}: no body found around its structures (is the image empty?)")
     centroid = pts[body].mean(0)
     keep = body[rng.choice(len(body), settings.global_points, replace=len(body) < settings.global_points)]
-    prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(search, pts[keep])[0], centroid)
-
     fine = working_image(source, settings.local_spacing_mm, settings.local_sigma_mm, settings.local_hu_range)
+    prepared = PreparedTemplate(template.name, pts[keep], vals[keep], _values_at(search, pts[keep])[0], centroid,
+                                detail_lps=fine[2].spacing_lps)
     data = source.data_box()
-    tolerance = settings.open_face_voxels * (np.abs(image.geometry.direction) @ image.geometry.spacing)  # per LPS axis
+    tolerance = settings.open_face_voxels * image.geometry.spacing_lps
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
         crop = {}
@@ -216,7 +224,7 @@ def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 7  # bump when PreparedTemplate or the working images change
+CACHE_FORMAT = 8  # bump when PreparedTemplate or the working images change
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
@@ -237,7 +245,8 @@ _PART_ARRAYS = ("centre", "points", "values", "weights", "shape")  # what a part
 
 def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
     arrays = {"global_points": prepared.global_points, "global_values": prepared.global_values,
-              "search_values": prepared.search_values, "centroid": prepared.centroid}
+              "search_values": prepared.search_values, "centroid": prepared.centroid,
+              "detail_lps": prepared.detail_lps}
     names = list(prepared.structures)
     for n, name in enumerate(names):
         s = prepared.structures[name]
@@ -262,7 +271,7 @@ def load_prepared(path: Path) -> PreparedTemplate:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         prepared = PreparedTemplate(meta["name"], z["global_points"], z["global_values"], z["search_values"],
-                                    z["centroid"])
+                                    z["centroid"], detail_lps=z["detail_lps"])
         for n, name in enumerate(meta["structures"]):
             prepared.structures[name] = PreparedStructure(z[f"s{n}_centre"], z[f"s{n}_points"], z[f"s{n}_values"],
                                                           z[f"s{n}_weights"], z[f"s{n}_shape"],

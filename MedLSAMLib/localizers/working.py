@@ -4,11 +4,13 @@ Template and query go through the same function, so their values are comparable.
 the scan's own axis directions (no resampling error from a rotation) and only coarsens axes whose
 spacing is finer than asked.
 
-A fine scan is first resampled to an intermediate grid of half the working spacing (linear
-interpolation costs per output voxel) and smoothed there, not at full resolution; the smoothing
-removes what the intermediate step aliases. Per scan, the clamped image and the validity mask are
-made once (:class:`WorkingSource`) and shared by every working image. What a 512 x 512 x 300 scan
-still costs, and where: docs/results.md ("Seconds per case against scan size").
+A scan finer than half the working spacing is first averaged over whole blocks of voxels
+(``BinShrink``: one pass over the scan, no interpolation) to at least half the working spacing,
+then smoothed and resampled there, not at full resolution; the smoothing removes what the block
+step aliases. Scans already that coarse (the 128^3 data sets) take the same path as before. Per
+scan, the clamped image, the validity mask and their block averages are made once
+(:class:`WorkingSource`) and shared by every working image. What a 512 x 512 x 300 scan costs,
+and where: docs/results.md ("Seconds per case against scan size").
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import Geometry, box_from_points
-from ..io import Volume, apply_geometry, to_sitk
+from ..io import Volume, apply_geometry, geometry_from_sitk, to_sitk
 
 #: HU range of the global alignment images: air .. dense bone. Values are stored as HU - low, so
 #: that the lowest value (and anything outside a scan, which reads as 0) is 0.
@@ -26,12 +28,22 @@ HU_RANGE = (-1000.0, 1500.0)
 SOFT_TISSUE_RANGE = (-250.0, 350.0)
 
 
-def coarse_geometry(geometry: Geometry, spacing_mm: float) -> Geometry:
-    """Same origin corner, directions and extent; spacing raised to ``spacing_mm`` where finer."""
+def coarse_geometry(geometry: Geometry, spacing_mm) -> Geometry:
+    """Same origin corner, directions and extent; spacing raised to ``spacing_mm`` (mm, one for
+    every axis or one per i, j, k axis) where finer."""
     spacing = np.maximum(geometry.spacing, spacing_mm)
     extent = (np.asarray(geometry.size) - 1) * geometry.spacing
     size = np.floor(extent / spacing + 1e-6).astype(int) + 1
     return Geometry(geometry.origin, spacing, geometry.direction, tuple(int(s) for s in size))
+
+
+def shrink_factors(geometry: Geometry, spacing_mm) -> tuple[int, int, int]:
+    """Whole voxels per block, per i, j, k axis, that bring the scan to at least half the working
+    spacing ``spacing_mm`` before it is smoothed (1 where it is already that coarse). Blocks never
+    exceed the working spacing itself."""
+    half = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)) / 2
+    factors = np.maximum(1, np.minimum(np.ceil(half / geometry.spacing - 1e-6), np.floor(2 * half / geometry.spacing + 1e-6)))
+    return tuple(int(f) for f in factors)
 
 
 def padding_value(array: np.ndarray) -> float | None:
@@ -52,18 +64,17 @@ class WorkingSource:
         self.pad = padding_value(volume.array) if pad == "find" else pad
         self._clamped: dict[tuple, sitk.Image] = {}
         self._validity: sitk.Image | None = None
+        self._shrunk: dict[tuple, sitk.Image] = {}
 
     def crop(self, lo_ijk, hi_ijk) -> "WorkingSource":
         """A block of the scan (padding as found on the whole scan)."""
         return WorkingSource(self.volume.crop(lo_ijk, hi_ijk), self.pad)
 
     def clamped(self, hu_range: tuple[float, float]) -> sitk.Image:
+        """HU clamped to ``hu_range`` (float32), not yet shifted (see :meth:`shrunk`)."""
         if hu_range not in self._clamped:
-            image = to_sitk(self.volume)
-            if image.GetPixelID() != sitk.sitkFloat32:
-                image = sitk.Cast(image, sitk.sitkFloat32)
-            self._clamped[hu_range] = sitk.Clamp(image, sitk.sitkFloat32, float(hu_range[0]),
-                                                 float(hu_range[1])) - float(hu_range[0])
+            self._clamped[hu_range] = sitk.Clamp(to_sitk(self.volume), sitk.sitkFloat32, float(hu_range[0]),
+                                                 float(hu_range[1]))
         return self._clamped[hu_range]
 
     def validity(self) -> sitk.Image:
@@ -74,6 +85,17 @@ class WorkingSource:
             apply_geometry(mask, self.volume.geometry)
             self._validity = sitk.Cast(mask, sitk.sitkFloat32)
         return self._validity
+
+    def shrunk(self, what: tuple[float, float] | str, factors: tuple[int, int, int]) -> sitk.Image:
+        """The image of HU range ``what``, clamped and shifted so that its low end is 0 (or the
+        validity, ``what="validity"``), averaged over blocks of ``factors`` voxels; made once per
+        scan. The shift follows the averaging: it then costs per block, not per voxel."""
+        if (what, factors) not in self._shrunk:
+            full = self.validity() if what == "validity" else self.clamped(what)
+            if factors != (1, 1, 1):
+                full = sitk.BinShrink(full, [int(f) for f in factors])
+            self._shrunk[(what, factors)] = full if what == "validity" else full - float(what[0])
+        return self._shrunk[(what, factors)]
 
     def data_box(self) -> np.ndarray:
         """LPS box of the voxels that hold data (not padding)."""
@@ -91,41 +113,45 @@ class WorkingSource:
         return box_from_points(geometry.ijk_to_lps(corners))
 
 
-def working_image(source: Volume | WorkingSource, spacing_mm: float, sigma_mm: float,
+def working_image(source: Volume | WorkingSource, spacing_mm, sigma_mm: float,
                   hu_range: tuple[float, float] = HU_RANGE) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(values, validity, geometry) on the working grid, arrays [k, j, i] float32.
 
     values: HU clamped to ``hu_range``, shifted so the low end is 0, smoothed by ``sigma_mm``.
     validity: 1 where the scan has data, 0 on padding (see :func:`padding_value`), smoothed alike;
     the alignment leaves points on padding out of its similarity instead of reading them as air.
+    ``spacing_mm``: one spacing, or one per i, j, k axis of the scan.
     """
     source = source if isinstance(source, WorkingSource) else WorkingSource(source)
-    geometry = source.volume.geometry
-    target = coarse_geometry(geometry, spacing_mm)
-    between = coarse_geometry(geometry, spacing_mm / 2)
+    target = coarse_geometry(source.volume.geometry, spacing_mm)
+    factors = shrink_factors(source.volume.geometry, spacing_mm)
+    values_full, validity_full = source.shrunk(hu_range, factors), source.shrunk("validity", factors)
+    geometry = source.volume.geometry if factors == (1, 1, 1) else geometry_from_sitk(values_full)
+    between = coarse_geometry(geometry, np.asarray(spacing_mm, dtype=float) / 2)
 
-    def grid(g: Geometry) -> sitk.Image | None:
-        if g.is_close(geometry):
-            return None
-        ref = sitk.Image([int(s) for s in g.size], sitk.sitkUInt8)
-        apply_geometry(ref, g)
-        return ref
-
-    to_between, to_target = grid(between), grid(target)
+    to_between = None if between.is_close(geometry) else between
+    to_target = None if target.is_close(geometry) else target
 
     def to_working_grid(full: sitk.Image) -> np.ndarray:
         if to_between is not None:  # fine scan: resample first, smooth on the smaller grid
-            full = sitk.Resample(full, to_between, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            full = _resampled(full, to_between)
         if sigma_mm > 0:
             full = sitk.SmoothingRecursiveGaussian(full, float(sigma_mm))
         if to_target is not None:
-            full = sitk.Resample(full, to_target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            full = _resampled(full, to_target)
         return sitk.GetArrayFromImage(full)
 
-    values = to_working_grid(source.clamped(hu_range))
-    validity = to_working_grid(source.validity())
+    values = to_working_grid(values_full)
+    validity = to_working_grid(validity_full)
     # Recursive Gaussians ring slightly: validity must stay a weight in [0, 1].
     return values, np.clip(validity, 0.0, 1.0), target if to_target is not None else geometry
+
+
+def _resampled(image: sitk.Image, grid: Geometry) -> sitk.Image:
+    """``image`` linearly resampled onto ``grid`` (0 outside it), float32."""
+    return sitk.Resample(image, [int(v) for v in grid.size], sitk.Transform(), sitk.sitkLinear,
+                         [float(v) for v in grid.origin], [float(v) for v in grid.spacing],
+                         [float(v) for v in grid.direction.ravel()], 0.0, sitk.sitkFloat32)
 
 
 def grid_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> np.ndarray:

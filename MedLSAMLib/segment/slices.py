@@ -265,7 +265,7 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
     t = time.perf_counter()
     labels = np.zeros(volume.array.shape, np.uint16)
     best = np.zeros(volume.array.shape, np.float16) if opts.resolve_overlaps and len(regions) > 1 else None
-    stats = {}
+    stats, blocks = {}, {}
     by_name = {r.name: r for r in requests}
     for name, reg in regions.items():
         mask = reg.prob > opts.threshold
@@ -277,7 +277,7 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
             if n > 1:
                 sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
                 mask = lab == (1 + int(np.argmax(sizes)))
-        idx = block_index(ax, u_ax, v_ax, reg.s0, reg.s1, reg.v0, reg.v1, reg.u0, reg.u1)
+        idx = blocks[name] = block_index(ax, u_ax, v_ax, reg.s0, reg.s1, reg.v0, reg.v1, reg.u0, reg.u1)
         mask_v = to_volume_order(mask, ax, u_ax, v_ax)
         if best is not None:
             prob_v = to_volume_order(reg.prob, ax, u_ax, v_ax)
@@ -287,8 +287,8 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
         else:
             labels[idx][mask_v] = by_name[name].label
         stats[name] = {"slices": int(reg.s1 - reg.s0 + 1), "voxels_before_overlap": int(mask.sum())}
-    for name in stats:
-        stats[name]["voxels"] = int((labels == by_name[name].label).sum())
+    for name in stats:  # a structure's voxels lie in its block: counted there, not over the scan
+        stats[name]["voxels"] = int((labels[blocks[name]] == by_name[name].label).sum())
     timing["postprocess"] = time.perf_counter() - t
     timing["slices"] = total  # slices encoded
     timing["interpolated_slices"] = interpolated

@@ -119,11 +119,14 @@ def test_field_of_view_benchmark_and_the_confidence_fit(tmp_path):
     if not (SHARED / "data" / "totalseg_abdomen").exists():
         pytest.skip("needs the shared abdomen CT (data/totalseg_abdomen)")
     out = tmp_path / "fov"
-    run_script("field_of_view.py", "--limit", "1", "--kinds", "full", "abdomen", "--out", str(out))
+    run_script("field_of_view.py", "--limit", "1", "--kinds", "full", "abdomen", "--templates", "labels", "points",
+               "--out", str(out))
     result = json.loads(out.with_suffix(".json").read_text())
-    kinds = result["summary"]["default"]["kinds"]
-    assert kinds["full"]["half_shown"] == 5 and kinds["full"]["found"] >= 4
-    assert kinds["abdomen"]["structures"] == 9  # 5 head-and-neck structures on the abdomen, 4 abdominal ones here
+    assert list(result["summary"]) == ["default", "default/points"]  # label-map and six-point templates
+    for arm in result["summary"].values():
+        kinds = arm["kinds"]
+        assert kinds["full"]["half_shown"] == 5 and kinds["full"]["found"] >= 4
+        assert kinds["abdomen"]["structures"] == 9  # 5 head-and-neck structures on the abdomen, 4 abdominal ones here
     assert {"visible_fraction", "global_match"} <= set(result["rows"][0]["evidence"])
     fit = subprocess.run([sys.executable, str(BENCH / "confidence_fit.py"), str(out.with_suffix(".json")),
                           "--out", str(tmp_path / "fit")], capture_output=True, encoding="utf-8", errors="replace")

@@ -68,6 +68,17 @@ def test_axial_axis():
     assert Geometry([0, 0, 0], [1, 1, 1], OBLIQUE, (2, 2, 2)).axial_axis == int(np.argmax(np.abs(OBLIQUE[2])))
 
 
+def test_spacing_along_lps_and_back_on_permuted_and_oblique_grids():
+    sagittal_stack = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # i -> S, k -> L
+    grid = Geometry([0, 0, 0], [0.7, 0.9, 3.0], sagittal_stack, (2, 2, 2))
+    assert np.allclose(grid.spacing_lps, [3.0, 0.9, 0.7])  # L, P, S
+    assert np.allclose(grid.index_spacing([3.0, 0.9, 0.7]), [0.7, 0.9, 3.0])
+    assert np.allclose(Geometry([0, 0, 0], [1, 2, 3], PERMUTED, (2, 2, 2)).index_spacing(
+        Geometry([0, 0, 0], [1, 2, 3], PERMUTED, (2, 2, 2)).spacing_lps), [1, 2, 3])
+    oblique = Geometry([0, 0, 0], [1.0, 1.0, 1.0], OBLIQUE, (2, 2, 2))  # isotropic: every weighting of 1 mm
+    assert np.all(oblique.spacing_lps >= 1.0 - 1e-9) and np.all(oblique.spacing_lps <= np.sqrt(3) + 1e-9)
+
+
 def test_geometry_rejects_bad_input():
     with pytest.raises(GeometryError):
         Geometry([0, 0, 0], [1, 0, 1], np.eye(3), (2, 2, 2))

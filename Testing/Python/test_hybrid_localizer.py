@@ -14,14 +14,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedLSAMLib.geometry import box_from_points
+from MedLSAMLib.geometry import Geometry, box_from_points
 from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk, write_volume
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.localizers.align import QueryImage, block_ncc, weighted_ncc
 from MedLSAMLib.localizers.fusion import (FusionSettings, consensus_templates, extend_open_faces, fit_shape,
                                          fuse_boxes, visible_box)
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
-from MedLSAMLib.localizers.prepared import head_foot_parts
+from MedLSAMLib.localizers.working import HU_RANGE
+from MedLSAMLib.localizers.prepared import HybridSettings, head_foot_parts
 from MedLSAMLib.markups import read_markups, write_markups
 from MedLSAMLib.templates import template_from_labels
 
@@ -182,6 +183,33 @@ def smooth_warp(ct: Volume, labels: Volume):
     return from_sitk(warped, "warped"), template_to_warped
 
 
+def test_a_finer_scan_gives_the_working_images_of_the_scan_as_stored(templates):
+    """A block of a real scan resampled to a third of its spacing (1.3 x 1.3 x 0.8 mm, finer than a
+    clinical 512 x 512 grid): its working images are made through whole-voxel blocks
+    (shrink_factors), not smoothed at full resolution, and equal those of the scan as stored; the
+    localizer sees it no finer than the templates' own detail."""
+    from MedLSAMLib.localizers.working import SOFT_TISSUE_RANGE, coarse_geometry, shrink_factors, working_image
+    from MedLSAMLib.preprocess import resample
+
+    block = read_ct(hn_case("validation-pats/pt_202")[0]).crop([32, 32, 30], [95, 95, 89])
+    g = block.geometry
+    fine = resample(block, Geometry(g.origin, g.spacing / 3, g.direction, tuple(int(v) for v in 3 * (np.array(g.size) - 1) + 1)),
+                    linear=True, default=-1024.0)
+    assert shrink_factors(g, 4.0) == (1, 1, 1) and shrink_factors(fine.geometry, 4.0) == (2, 2, 3)
+    inner = (slice(2, -2),) * 3  # the smoothing's borders differ
+    for spacing, sigma, hu_range, least in ((4.0, 4.0, HU_RANGE, 0.999), (8.0, 8.0, HU_RANGE, 0.999),
+                                            (g.spacing, 1.0, SOFT_TISSUE_RANGE, 0.97)):
+        stored, _, stored_grid = working_image(block, spacing, sigma, hu_range)
+        finer, _, finer_grid = working_image(fine, spacing, sigma, hu_range)
+        assert finer_grid.is_close(stored_grid, atol=1e-3)
+        assert np.corrcoef(stored[inner].ravel(), finer[inner].ravel())[0, 1] > least
+    localizer = HybridLocalizer(templates, cache_dir=None)  # pt_1 and pt_100: 3.9 and 5.1 mm in-plane, 2.5 mm slices
+    detail = np.min([p.detail_lps for p in localizer.prepared], axis=0)
+    assert np.allclose(detail, [3.906, 3.906, 2.5], atol=0.01)
+    assert np.allclose(localizer._local_spacing(fine.geometry), 0.9 * detail)  # not the scan's 1.3 mm
+    assert coarse_geometry(g, localizer._local_spacing(g)).is_close(g)  # a scan like the templates: as it is
+
+
 def test_known_smooth_deformation_is_recovered_within_2_mm(templates):
     template_dir = templates[0]
     ct_path, labels_path = hn_case("train-pats/pt_1")
@@ -261,8 +289,12 @@ def test_a_template_of_another_body_region_does_not_vote(templates, tmp_path):
     write_volume(relabelled, tmp_path / "abd_labels.nii.gz")
     template_from_labels(abdomen, tmp_path / "abd_labels.nii.gz", CORE5, tmp_path / "abdomen")
     query = read_ct(hn_case("validation-pats/pt_222")[0])
-    both = HybridLocalizer(templates, cache_dir=None).localize(query)
-    mixed = HybridLocalizer([*templates, tmp_path / "abdomen"], cache_dir=None).localize(query, keep_stages=True)
+    # The query's local image at a spacing that does not depend on the templates (by default the
+    # finest template sets it, and the 3 mm abdomen CT is finer than these head-and-neck scans).
+    fixed = HybridSettings(local_detail_fraction=0.0)
+    both = HybridLocalizer(templates, cache_dir=None, settings=fixed).localize(query)
+    mixed = HybridLocalizer([*templates, tmp_path / "abdomen"], cache_dir=None,
+                            settings=fixed).localize(query, keep_stages=True)
     stages = mixed.stages["Brainstem"]
     assert "abdomen" not in stages["templates_used"] and len(stages["templates_used"]) == 2, stages
     for _, name in CORE5:

@@ -184,6 +184,20 @@ def test_label_extent_matches_argwhere_bounds_and_empty_is_slicers_empty_extent(
     assert _label_extent(ijk, 9) == [0, -1, 0, -1, 0, -1]
 
 
+def test_label_extents_in_the_occupied_block_equal_the_whole_volume_search():
+    from MedLSAMLib.io import _label_extent, _label_extents
+
+    rng = np.random.default_rng(3)
+    ijk = np.zeros((30, 20, 12), np.uint8)
+    ijk[5:9, 3:15, 2:4] = 1
+    ijk[20:27, 11:12, 6:11] = 4
+    ijk[rng.integers(0, 30, 5), rng.integers(0, 20, 5), rng.integers(0, 12, 5)] = 7
+    labels = [1, 4, 7, 9]
+    assert _label_extents(ijk, labels) == {label: _label_extent(ijk, label) for label in labels}
+    assert _label_extents(ijk, [1, 4, 7, 9])[9] == [0, -1, 0, -1, 0, -1]
+    assert _label_extents(np.zeros_like(ijk), [1]) == {1: [0, -1, 0, -1, 0, -1]}
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
     import os
