@@ -276,11 +276,11 @@ class HybridLocalizer:
             open_votes = np.stack([self.prepared[t].structures[name].open_faces for t in used])
             closed = np.clip(fused.box, fov[0], fov[1]) if keep_stages else None  # stage report only
             fused.box = extend_open_faces(fused.box, open_votes, fov, self.fusion.open_face_share)
-            agreement = fused.agreement
+            box_agreement = fused.agreement
             if len(used) == 1 and n_t > 1:  # a lone voter agrees with itself: judge it against every template
-                agreement = box_iou(boxes[used[0], s], np.median(boxes[:, s], axis=0))
+                box_agreement = box_iou(boxes[used[0], s], np.median(boxes[:, s], axis=0))
             evidence = {"match": float(np.median([local_scores[(t, name)] for t in used])),
-                        "global_match": float(np.median(global_scores[used])), "agreement": agreement,
+                        "global_match": float(np.median(global_scores[used])), "agreement": box_agreement,
                         "templates_used": len(used), "inside_fraction": frac, "visible_fraction": visible}
             if self.fusion.presence == "visible":
                 present = visible >= self.fusion.min_visible_fraction

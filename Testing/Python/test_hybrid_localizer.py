@@ -301,8 +301,9 @@ def test_a_template_of_another_body_region_does_not_vote(templates, tmp_path):
         assert mixed.structures[name].evidence["templates_used"] == both.structures[name].evidence["templates_used"]
         # Not bit for bit: float rounding in the batched alignment depends on the batch's size,
         # and the spinal cord's 60 mm parts, less constrained than whole structures, move by up
-        # to about 1 mm with it (0.1 mm with part_length_mm=0; whole structures 0.3 mm).
-        tolerance = 1.5 if name == "SpinalCord" else 0.5
+        # to about 1 mm with it (0.1 mm with part_length_mm=0; whole structures 0.3 mm in the
+        # seventh session, 0.51 mm since the eighth's search image: an eighth of a 4.7 mm voxel).
+        tolerance = 1.5 if name == "SpinalCord" else 0.6
         assert np.allclose(mixed.structures[name].box_lps, both.structures[name].box_lps, atol=tolerance)
 
 
