@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from ..geometry import box_from_points, box_iou
 
 
@@ -44,6 +45,10 @@ class FusionSettings:
     # judged on the dev scans' in docs/results.md). None: the sixth session's heuristic
     # (agreement x match x templates used).
     confidence_weights: tuple | None = (-13.709, 13.871, 2.471, 1.019, 4.122, 2.119)
+
+    def __post_init__(self):
+        if self.presence not in ("visible", "box"):
+            raise InputError(f"unknown presence rule {self.presence!r}; use 'visible' or 'box'")
 
 
 @dataclass

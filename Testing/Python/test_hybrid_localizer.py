@@ -97,6 +97,14 @@ def test_fusion_resists_one_wrong_box_and_drops_a_template_that_disagrees_with_t
     assert np.allclose(box_from_points(fitted), [[10, 10, 10], [20, 30, 40]])
 
 
+def test_an_unknown_presence_rule_is_refused_in_one_line():
+    from MedLSAMLib.errors import InputError
+
+    with pytest.raises(InputError, match="unknown presence rule 'visibel'"):
+        FusionSettings(presence="visibel")
+    assert FusionSettings(presence="box").presence == "box"
+
+
 def test_a_face_the_templates_saw_cut_by_their_scan_reaches_the_end_of_the_query_data():
     fov = np.array([[-100, -100, -300], [100, 100, 0]], float)
     box = np.array([[-10, -10, -200], [10, 10, -50]], float)
