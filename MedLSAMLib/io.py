@@ -447,7 +447,11 @@ def _label_extent(ijk: np.ndarray, label: int) -> list[int]:
     Per-axis ``any`` projections keep memory at one boolean volume (argwhere on a 512 x 512 x 600
     scan would build an N x 3 int64 array per segment).
     """
-    mask = ijk == label
+    return _mask_extent(ijk == label)
+
+
+def _mask_extent(mask: np.ndarray) -> list[int]:
+    """[i0, i1, j0, j1, k0, k1] of the true voxels of an [i, j, k] mask, or Slicer's empty extent."""
     extent = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -461,7 +465,7 @@ def _label_extent(ijk: np.ndarray, label: int) -> list[int]:
 def _label_extents(ijk: np.ndarray, labels) -> dict[int, list[int]]:
     """:func:`_label_extent` of each label, searched only in the block that holds any label (one
     pass over the whole volume, not one per label)."""
-    whole = _label_extent(ijk != 0, True)
+    whole = _mask_extent(ijk != 0)
     if whole[1] < whole[0]:
         return {label: [0, -1, 0, -1, 0, -1] for label in labels}
     block = ijk[whole[0]:whole[1] + 1, whole[2]:whole[3] + 1, whole[4]:whole[5] + 1]
