@@ -162,6 +162,13 @@ class Geometry:
         return Geometry(self.ijk_to_lps(lo.astype(float)), self.spacing, self.direction,
                         tuple(int(v) for v in hi - lo + 1))
 
+    def binned(self, factors) -> "Geometry":
+        """The grid of whole blocks of ``factors`` (i, j, k) voxels, each voxel at its block's
+        centre; a partial block at the far end is dropped (as ITK's BinShrink)."""
+        f = np.asarray(factors, dtype=int)
+        centre = self.ijk_to_lps((f - 1) / 2.0)
+        return Geometry(centre, self.spacing * f, self.direction, tuple(int(v) for v in np.asarray(self.size) // f))
+
     def is_close(self, other: "Geometry", atol: float = 1e-4) -> bool:
         return (
             self.size == other.size

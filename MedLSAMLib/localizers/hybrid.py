@@ -84,8 +84,9 @@ class HybridLocalizer:
         source = WorkingSource(volume)
         fov = source.data_box()  # where the scan has data: boxes are clipped and presence judged there
         with torch.no_grad():
-            search = self._query_image(source, 2 * st.global_spacing_mm, 8.0)
+            # the 4 mm image first: on a fine scan the 8 mm image's blocks are made from its blocks
             coarse = self._query_image(source, st.global_spacing_mm, st.global_spacing_mm)
+            search = self._query_image(source, 2 * st.global_spacing_mm, 8.0)
         t_prep = time.perf_counter()
         global_maps, global_scores = self._global(search, coarse, fov)
         first_global = global_maps.cpu().numpy().copy()  # as the global stage left them (stage report)
@@ -319,35 +320,32 @@ class HybridLocalizer:
                 continue
             lo = np.maximum(np.asarray(entry.box_ijk[0]) - margin, 0)
             hi = np.minimum(np.asarray(entry.box_ijk[1]) + margin, size - 1)
-            k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in (2, 1, 0)), indexing="ij")
-            lps = geometry.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3).astype(float))
-            prob = np.zeros(len(lps), np.float32)
-            for t in voters:
-                prob += self._carried_mask(t, name, local_maps, lps)
-            out[name] = (lo[::-1].copy(), (prob / len(voters)).reshape(k.shape))
+            box = _BoxGrid(geometry.ijk_to_lps_matrix, lo, hi)
+            prob = sum(self._carried_mask(t, name, local_maps, box) for t in voters) / len(voters)
+            out[name] = (lo[::-1].copy(), prob.numpy())
         return out
 
-    def _carried_mask(self, t: int, name: str, local_maps: dict, lps: np.ndarray) -> np.ndarray:
-        """Template ``t``'s mask of ``name`` sampled at query points: through the structure's
-        local affine, or, for a structure aligned in parts, through the part whose head-foot slab
-        each point falls in (in the template's frame), as its box was made."""
+    def _carried_mask(self, t: int, name: str, local_maps: dict, box: "_BoxGrid") -> torch.Tensor:
+        """Template ``t``'s mask of ``name`` sampled at the query voxels of ``box``: through the
+        structure's local affine, or, for a structure aligned in parts, through the part whose
+        head-foot slab each voxel falls in (in the template's frame), as its box was made."""
         s = self.prepared[t].structures[name]
         to_mask = np.linalg.inv(s.mask_ijk_to_lps)
         parts = self.prepared[t].parts.get(name)
-        if not parts:  # query LPS -> template LPS -> template mask voxel, one matrix over the points
-            return _sample_mask(s.mask, to_mask @ np.linalg.inv(local_maps[(t, name)]), lps)
+        if not parts:  # query voxel -> query LPS -> template LPS -> template mask voxel: one matrix
+            return _sample_mask(s.mask, box.mapped(to_mask @ np.linalg.inv(local_maps[(t, name)])))
         inverse = [np.linalg.inv(local_maps[(t, name, n)]) for n in range(len(parts))]
-        slab_distance = []  # per part: how far (head-foot, template frame) each point is from its slab
+        slab_distance = []  # per part: how far (head-foot, template frame) each voxel is from its slab
         for part, inv in zip(parts, inverse):
-            z = apply_affine(inv, lps)[:, 2]
-            lo, hi = part.shape[:, 2].min(), part.shape[:, 2].max()
-            slab_distance.append(np.clip(np.maximum(lo - z, z - hi), 0, None))
-        nearest = np.argmin(np.stack(slab_distance), axis=0)  # the part whose slab holds the point, else the closest
-        sampled = np.zeros(len(lps), np.float32)
-        for n, inv in enumerate(inverse):
+            z = box.mapped(inv, rows=[2])[..., 0]
+            lo, hi = float(part.shape[:, 2].min()), float(part.shape[:, 2].max())
+            slab_distance.append(torch.clamp(torch.maximum(lo - z, z - hi), min=0))
+        nearest = torch.argmin(torch.stack(slab_distance), dim=0)  # the part whose slab holds the voxel, else the closest
+        sampled = torch.zeros(box.shape)
+        for n, inv in enumerate(inverse):  # each part sampled only where it is the nearest
             chosen = nearest == n
-            if chosen.any():
-                sampled[chosen] = _sample_mask(s.mask, to_mask @ inv, lps[chosen])
+            if bool(chosen.any()):
+                sampled[chosen] = _sample_mask(s.mask, box.mapped(to_mask @ inv)[chosen])
         return sampled
 
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
@@ -373,15 +371,32 @@ class HybridLocalizer:
             note="SPL needs template label maps; used one box (WPL)" if self.mode == "spl" and not from_mask else None)
 
 
-def _sample_mask(mask: np.ndarray, lps_to_ijk: np.ndarray, lps: np.ndarray) -> np.ndarray:
-    """Trilinear samples of a uint8 [k, j, i] mask at points mapped to its voxels by ``lps_to_ijk`` (0 outside it)."""
-    ijk = apply_affine(lps_to_ijk, lps)
-    shape = np.array(mask.shape[::-1], float)  # (i, j, k) sizes
-    grid = 2.0 * ijk / np.maximum(shape - 1, 1) - 1.0  # align_corners=True: voxel centres at +-1
-    g = torch.as_tensor(grid, dtype=torch.float32).view(1, -1, 1, 1, 3)
+class _BoxGrid:
+    """The query voxels of an inclusive ijk box, mapped by affines without listing them: each
+    affine image is a sum of one term per axis (broadcast), so a 512 x 512 scan's box costs no
+    N x 3 arrays of points."""
+
+    def __init__(self, ijk_to_lps: np.ndarray, lo_ijk: np.ndarray, hi_ijk: np.ndarray):
+        self.to_lps = ijk_to_lps
+        self.axes = [torch.arange(int(lo_ijk[a]), int(hi_ijk[a]) + 1, dtype=torch.float64) for a in range(3)]
+        self.shape = tuple(len(self.axes[a]) for a in (2, 1, 0))  # [k, j, i]
+
+    def mapped(self, lps_to: np.ndarray, rows=(0, 1, 2)) -> torch.Tensor:
+        """float32 [k, j, i, len(rows)]: ``lps_to`` (4 x 4) applied to each voxel's LPS position
+        (only the output coordinates ``rows``)."""
+        m = torch.as_tensor(lps_to @ self.to_lps, dtype=torch.float64)[list(rows)]
+        i, j, k = (self.axes[a][:, None] * m[:, a] for a in range(3))
+        return (k[:, None, None] + j[None, :, None] + i[None, None, :] + m[:, 3]).float()
+
+
+def _sample_mask(mask: np.ndarray, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a uint8 [k, j, i] mask at its voxel coordinates ``ijk`` ([..., 3], i, j, k
+    order), 0 outside it; shaped as ``ijk`` without its last axis."""
+    shape = torch.tensor(mask.shape[::-1], dtype=torch.float32)  # (i, j, k) sizes
+    grid = 2.0 * ijk / torch.clamp(shape - 1, min=1) - 1.0  # align_corners=True: voxel centres at +-1
     m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-    return torch.nn.functional.grid_sample(m, g, mode="bilinear", padding_mode="zeros",
-                                           align_corners=True).view(-1).numpy()
+    return torch.nn.functional.grid_sample(m, grid.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
+                                           align_corners=True).view(ijk.shape[:-1])
 
 
 def _corners(box: np.ndarray) -> np.ndarray:

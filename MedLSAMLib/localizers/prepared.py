@@ -224,7 +224,7 @@ def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 8  # bump when PreparedTemplate or the working images change
+CACHE_FORMAT = 9  # bump when PreparedTemplate or the working images change
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 

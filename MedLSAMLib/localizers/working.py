@@ -5,7 +5,7 @@ the scan's own axis directions (no resampling error from a rotation) and only co
 spacing is finer than asked.
 
 A scan finer than half the working spacing is first averaged over whole blocks of voxels
-(``BinShrink``: one pass over the scan, no interpolation) to at least half the working spacing,
+(:func:`block_means`: one pass over the scan, no interpolation) to at least half the working spacing,
 then smoothed and resampled there, not at full resolution; the smoothing removes what the block
 step aliases. (A 128^3 head-and-neck scan of 3.9 x 3.9 x 2.5 mm is averaged only for the 8 mm
 search image.) Per
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
 from ..geometry import Geometry, box_from_points
 from ..io import Volume, apply_geometry, geometry_from_sitk, to_sitk
@@ -38,12 +40,18 @@ def coarse_geometry(geometry: Geometry, spacing_mm) -> Geometry:
     return Geometry(geometry.origin, spacing, geometry.direction, tuple(int(s) for s in size))
 
 
-def shrink_factors(geometry: Geometry, spacing_mm) -> tuple[int, int, int]:
+def shrink_factors(geometry: Geometry, spacing_mm, base=(1, 1, 1)) -> tuple[int, int, int]:
     """Whole voxels per block, per i, j, k axis, that bring the scan to at least half the working
     spacing ``spacing_mm`` before it is smoothed (1 where it is already that coarse). Blocks never
-    exceed the working spacing itself."""
+    exceed the working spacing itself. Where a multiple of ``base`` (the blocks of a finer working
+    image) fits, the smallest one is taken: the blocks are then made from that image's blocks."""
     half = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)) / 2
-    factors = np.maximum(1, np.minimum(np.ceil(half / geometry.spacing - 1e-6), np.floor(2 * half / geometry.spacing + 1e-6)))
+    least = np.ceil(half / geometry.spacing - 1e-6)
+    most = np.floor(2 * half / geometry.spacing + 1e-6)
+    factors = np.maximum(1, np.minimum(least, most))
+    b = np.asarray(base, dtype=float)
+    multiple = np.ceil(np.maximum(least, 1) / b) * b
+    factors = np.where((b > 1) & (multiple <= most), multiple, factors)
     return tuple(int(f) for f in factors)
 
 
@@ -58,7 +66,7 @@ def padding_value(array: np.ndarray) -> float | None:
 
 class WorkingSource:
     """One scan (or a block of it) ready for :func:`working_image`: its padding found once, its
-    clamped images and validity mask made once."""
+    clamped images, validity mask and block averages made once."""
 
     def __init__(self, volume: Volume, pad: float | None | str = "find"):
         self.volume = volume
@@ -87,16 +95,30 @@ class WorkingSource:
             self._validity = sitk.Cast(mask, sitk.sitkFloat32)
         return self._validity
 
-    def shrunk(self, what: tuple[float, float] | str, factors: tuple[int, int, int]) -> sitk.Image:
-        """The image of HU range ``what``, clamped and shifted so that its low end is 0 (or the
-        validity, ``what="validity"``), averaged over blocks of ``factors`` voxels; made once per
-        scan. The shift follows the averaging: it then costs per block, not per voxel."""
-        if (what, factors) not in self._shrunk:
-            full = self.validity() if what == "validity" else self.clamped(what)
-            if factors != (1, 1, 1):
-                full = sitk.BinShrink(full, [int(f) for f in factors])
-            self._shrunk[(what, factors)] = full if what == "validity" else full - float(what[0])
-        return self._shrunk[(what, factors)]
+    def shrunk(self, hu_range: tuple[float, float], factors: tuple[int, int, int]) -> tuple[sitk.Image, sitk.Image]:
+        """(values, validity) averaged over blocks of ``factors`` voxels; made once per scan. The
+        values are HU clamped to ``hu_range`` and shifted so that its low end is 0. Block averages
+        come straight from the scan's array, a slab at a time (:func:`block_means`): no clamped copy
+        of a large scan is ever whole in memory."""
+        if (hu_range, factors) not in self._shrunk:
+            finer = self.block_base(hu_range, factors)
+            if factors == (1, 1, 1):
+                pair = self.clamped(hu_range) - float(hu_range[0]), self.validity()
+            elif finer != (1, 1, 1):  # means of equal sub-block means: the same numbers, a fraction of the work
+                step = [int(f // b) for f, b in zip(factors, finer)]
+                pair = tuple(sitk.BinShrink(image, step) for image in self._shrunk[(hu_range, finer)])
+            else:
+                grid = self.volume.geometry.binned(factors)
+                pair = tuple(_image(a, grid) for a in block_means(self.volume.array, factors, hu_range, self.pad))
+            self._shrunk[(hu_range, factors)] = pair
+        return self._shrunk[(hu_range, factors)]
+
+    def block_base(self, hu_range: tuple[float, float], factors=None) -> tuple[int, int, int]:
+        """The largest blocks already made for ``hu_range`` (that divide ``factors``, when given);
+        (1, 1, 1) if none."""
+        made = [f for (r, f) in self._shrunk if r == hu_range and f != factors
+                and (factors is None or all(a % b == 0 for a, b in zip(factors, f)))]
+        return max(made, key=lambda f: int(np.prod(f)), default=(1, 1, 1))
 
     def data_box(self) -> np.ndarray:
         """LPS box of the voxels that hold data (not padding)."""
@@ -114,6 +136,33 @@ class WorkingSource:
         return box_from_points(geometry.ijk_to_lps(corners))
 
 
+def block_means(array_kji: np.ndarray, factors: tuple[int, int, int], hu_range: tuple[float, float],
+                pad: float | None, slab_voxels: int = 2 ** 21) -> tuple[np.ndarray, np.ndarray]:
+    """Means over whole blocks of ``factors`` (i, j, k) voxels of (the scan's values clamped to
+    ``hu_range`` and shifted so that its low end is 0, its validity: 1 where the value is not the
+    padding ``pad``); float32 [k, j, i] arrays on ``Geometry.binned``'s grid. Both come from one
+    pass through slabs of whole blocks of about ``slab_voxels`` voxels, so the float copies stay
+    small and in cache (here 2-3x faster than passes over the whole scan)."""
+    fi, fj, fk = (int(f) for f in factors)
+    nk, nj, ni = (np.asarray(array_kji.shape) // (fk, fj, fi)) * (fk, fj, fi)
+    out = np.empty((2, nk // fk, nj // fj, ni // fi), np.float32)
+    step = max(1, slab_voxels // max(nj * ni * fk, 1)) * fk
+    low, high = float(hu_range[0]), float(hu_range[1])
+    with torch.no_grad():
+        for k0 in range(0, nk, step):
+            slab = torch.from_numpy(array_kji[k0:min(k0 + step, nk), :nj, :ni]).float()  # a strided view
+            valid = (slab != pad).float() if pad is not None else torch.ones(slab.shape)
+            both = torch.stack([torch.clamp(slab, low, high) - low, valid])[:, None]
+            out[:, k0 // fk:(k0 + slab.shape[0]) // fk] = F.avg_pool3d(both, (fk, fj, fi))[:, 0].numpy()
+    return out[0], out[1]
+
+
+def _image(array_kji: np.ndarray, geometry: Geometry) -> sitk.Image:
+    image = sitk.GetImageFromArray(array_kji)
+    apply_geometry(image, geometry)
+    return image
+
+
 def working_image(source: Volume | WorkingSource, spacing_mm, sigma_mm: float,
                   hu_range: tuple[float, float] = HU_RANGE) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(values, validity, geometry) on the working grid, arrays [k, j, i] float32.
@@ -125,8 +174,8 @@ def working_image(source: Volume | WorkingSource, spacing_mm, sigma_mm: float,
     """
     source = source if isinstance(source, WorkingSource) else WorkingSource(source)
     target = coarse_geometry(source.volume.geometry, spacing_mm)
-    factors = shrink_factors(source.volume.geometry, spacing_mm)
-    values_full, validity_full = source.shrunk(hu_range, factors), source.shrunk("validity", factors)
+    factors = shrink_factors(source.volume.geometry, spacing_mm, source.block_base(hu_range))
+    values_full, validity_full = source.shrunk(hu_range, factors)
     # after the block average every axis is at least half the working spacing: smoothed as it is
     geometry = source.volume.geometry if factors == (1, 1, 1) else geometry_from_sitk(values_full)
     to_target = None if target.is_close(geometry) else target

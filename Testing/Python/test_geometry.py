@@ -29,6 +29,15 @@ def test_matrices_agree_with_point_functions(geometry):
     assert np.allclose(geometry.ras_to_ijk(ras), ijk)
 
 
+def test_a_binned_grid_puts_each_voxel_at_its_block_centre(geometry):
+    """Blocks of 2 x 3 x 4 voxels: each coarse voxel lies at the mean of its block's voxel
+    centres (on oblique and permuted grids), and partial blocks at the far end are dropped."""
+    coarse = geometry.binned((2, 3, 4))
+    assert coarse.size == (20, 10, 5) and np.allclose(coarse.spacing, geometry.spacing * [2, 3, 4])
+    block = np.stack(np.meshgrid(np.arange(2, 4), np.arange(3, 6), np.arange(8, 12), indexing="ij"), -1).reshape(-1, 3)
+    assert np.allclose(coarse.ijk_to_lps(np.array([1.0, 1.0, 2.0])), geometry.ijk_to_lps(block.astype(float)).mean(0))
+
+
 def test_lps_ras_flip_is_involution():
     p = np.array([[1.0, -2.0, 3.0]])
     assert np.allclose(g.lps_to_ras(p), [[-1.0, 2.0, 3.0]])

@@ -154,6 +154,50 @@ def test_data_box_leaves_blanked_padding_out(geometry):
     assert np.allclose(box, box_from_points(geometry.ijk_to_lps(corners)), atol=1e-6)
 
 
+def test_block_means_equal_itk_bin_shrink_of_the_clamped_scan(geometry):
+    """The working images' block averages (taken a slab at a time from the scan's array) hold the
+    values and grid of ITK's BinShrink of the clamped, shifted scan, on oblique and permuted grids
+    and with a partial block at the far end of every axis."""
+    from MedLSAMLib.io import geometry_from_sitk
+    from MedLSAMLib.localizers.working import WorkingSource, block_means
+
+    rng = np.random.default_rng(3)
+    array = rng.normal(0, 900, geometry.shape_kji).astype(np.float32)
+    array[:, :3] = -1024.0  # padding
+    volume = Volume(array, geometry, "noise")
+    factors = (3, 2, 3)  # 40 x 30 x 20 voxels: a partial block along i and k
+    expected = sitk.BinShrink(sitk.Clamp(to_sitk(volume), sitk.sitkFloat32, *HU_RANGE), factors) - HU_RANGE[0]
+    values, validity = block_means(array, factors, HU_RANGE, -1024.0, slab_voxels=4000)  # several slabs
+    assert np.allclose(values, sitk.GetArrayFromImage(expected), atol=1e-3)
+    valid = sitk.GetArrayFromImage(sitk.BinShrink(sitk.Cast(sitk.GetImageFromArray((array != -1024.0).view(np.uint8)),
+                                                            sitk.sitkFloat32), factors))
+    assert np.allclose(validity, valid) and 0 < valid.mean() < 1
+    assert np.all(block_means(array, factors, HU_RANGE, None)[1] == 1.0)  # no padding: all valid
+    source = WorkingSource(volume, pad=-1024.0)
+    shrunk, _ = source.shrunk(HU_RANGE, factors)
+    assert geometry_from_sitk(shrunk).is_close(geometry_from_sitk(expected), atol=1e-6)
+    assert geometry.binned(factors).is_close(geometry_from_sitk(expected), atol=1e-6)
+    # blocks of 6 x 4 x 6 are made from the 3 x 2 x 3 ones already there: the same numbers and grid
+    assert source.block_base(HU_RANGE, (6, 4, 6)) == factors
+    coarser, coarser_valid = source.shrunk(HU_RANGE, (6, 4, 6))
+    direct, direct_valid = block_means(array, (6, 4, 6), HU_RANGE, -1024.0)
+    assert np.allclose(sitk.GetArrayFromImage(coarser), direct, atol=1e-3)
+    assert np.allclose(sitk.GetArrayFromImage(coarser_valid), direct_valid, atol=1e-6)
+    assert geometry_from_sitk(coarser).is_close(geometry.binned((6, 4, 6)), atol=1e-6)
+
+
+def test_shrink_factors_reach_half_the_spacing_and_reuse_finer_blocks():
+    from MedLSAMLib.localizers.working import shrink_factors
+
+    clinical = Geometry([0, 0, 0], [1.35, 1.35, 1.27], np.eye(3), (512, 512, 300))
+    assert shrink_factors(clinical, 4.0) == (2, 2, 2)  # 2.7 mm: at least half of 4, at most 4
+    assert shrink_factors(clinical, 8.0) == (3, 3, 4)
+    assert shrink_factors(clinical, 8.0, base=(2, 2, 2)) == (4, 4, 4)  # multiples of the 4 mm image's blocks
+    stored = Geometry([0, 0, 0], [3.9, 3.9, 2.5], np.eye(3), (128, 128, 128))
+    assert shrink_factors(stored, 4.0) == (1, 1, 1) and shrink_factors(stored, 8.0, base=(1, 1, 1)) == (2, 2, 2)
+    assert shrink_factors(clinical, 8.0, base=(7, 7, 7)) == (3, 3, 4)  # no multiple fits: as without a base
+
+
 # --- on real CT -----------------------------------------------------------------------------------
 def smooth_warp(ct: Volume, labels: Volume):
     """The CT under a known smooth deformation: a rotation of 4 degrees, 5 % scaling, a 12 mm shift
