@@ -131,7 +131,7 @@ class CohortSegmenter:
         t_read = time.perf_counter()
         labels, record = self.segment_volume(volume, progress)
         paths = output_paths(out_dir, case)
-        label_volume = volume.with_array(labels.astype(np.uint16 if labels.max() > 255 else np.uint8))
+        label_volume = volume.with_array(labels)  # uint8 unless a label exceeds 255 (segment_volume)
         t_write = time.perf_counter()
         write_volume(label_volume, paths["labels"])
         write_segmentation(label_volume, [{"name": s.name, "label": s.label, "color": s.color,

@@ -181,7 +181,8 @@ def to_volume_order(block: np.ndarray, ax, u_ax, v_ax) -> np.ndarray:
 
 def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, options: SegmentOptions | None = None,
                    progress=None, use_cache: bool = True) -> tuple[np.ndarray, dict, dict]:
-    """Label map (``[k, j, i]``, uint16) plus per-structure stats and stage timings.
+    """Label map (``[k, j, i]``; uint8, or uint16 when a label exceeds 255) plus per-structure stats
+    and stage timings.
 
     ``use_cache=False`` recomputes the embedding for every structure on a slice, as the
     reference does; it exists for the speed benchmark only.
@@ -263,7 +264,7 @@ def segment_volume(volume: Volume, requests: list[StructureRequest], segmenter, 
                 regions[r.name].blend_prior(r.prior, opts.prior_weight, ax, u_ax, v_ax)
     timing["interpolate"] = time.perf_counter() - t
     t = time.perf_counter()
-    labels = np.zeros(volume.array.shape, np.uint16)
+    labels = np.zeros(volume.array.shape, np.uint8 if max((r.label for r in requests), default=0) < 256 else np.uint16)
     best = np.zeros(volume.array.shape, np.float16) if opts.resolve_overlaps and len(regions) > 1 else None
     stats, blocks = {}, {}
     by_name = {r.name: r for r in requests}
