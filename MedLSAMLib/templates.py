@@ -253,13 +253,19 @@ def read_color_table(path) -> dict[int, tuple[str, tuple, None]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable colour table ({exc.__class__.__name__})") from None
-    rows = _csv_color_rows(lines) if lines and lines[0].startswith("LabelValue,") else _text_color_rows(lines)
+    if lines and lines[0].startswith("LabelValue,"):
+        import csv
+
+        parse, rows = _csv_color_row, enumerate(csv.DictReader(lines), 2)
+    else:
+        parse, rows = _text_color_row, ((n, ln) for n, ln in enumerate(lines, 1)
+                                        if ln.strip() and not ln.lstrip().startswith("#"))
     out = {}
     for number, row in rows:
         try:
-            value, name, rgb = row()
+            value, name, rgb = parse(row)
             color = tuple(round(int(c) / 255.0, 4) for c in rgb)
-        except (ValueError, IndexError, KeyError):
+        except (ValueError, IndexError, KeyError, TypeError):  # TypeError: a CSV row short of columns
             raise InputError(f"{path}, line {number}: expected 'value name R G B A' (Slicer colour table), a "
                              "Slicer CSV colour table row or an ITK-SNAP label line") from None
         if value != 0:
@@ -269,28 +275,19 @@ def read_color_table(path) -> dict[int, tuple[str, tuple, None]]:
     return out
 
 
-def _text_color_rows(lines):
-    """(line number, parser) per entry of a Slicer .ctbl/.txt or ITK-SNAP label file."""
+def _text_color_row(line: str):
+    """(value, name, [R, G, B]) of a Slicer .ctbl/.txt line or an ITK-SNAP label line."""
     import shlex
 
-    def parse(line):
-        fields = shlex.split(line)
-        if '"' in line:  # ITK-SNAP: value R G B A visible mesh "name"
-            return int(fields[0]), fields[7], fields[1:4]
-        return int(fields[0]), " ".join(fields[1:-4]), fields[-4:-1]  # Slicer: value name R G B A
-
-    return [(n, lambda line=line: parse(line)) for n, line in enumerate(lines, 1)
-            if line.strip() and not line.lstrip().startswith("#")]
+    fields = shlex.split(line)
+    if '"' in line:  # ITK-SNAP: value R G B A visible mesh "name"
+        return int(fields[0]), fields[7], fields[1:4]
+    return int(fields[0]), " ".join(fields[1:-4]), fields[-4:-1]  # Slicer: value name R G B A
 
 
-def _csv_color_rows(lines):
-    """(line number, parser) per row of a Slicer CSV colour table."""
-    import csv
-
-    def parse(row):
-        return int(row["LabelValue"]), row["Name"], [row["Color_R"], row["Color_G"], row["Color_B"]]
-
-    return [(n, lambda row=row: parse(row)) for n, row in enumerate(csv.DictReader(lines), 2)]
+def _csv_color_row(row: dict):
+    """(value, name, [R, G, B]) of a row of a Slicer CSV colour table."""
+    return int(row["LabelValue"]), row["Name"], [row["Color_R"], row["Color_G"], row["Color_B"]]
 
 
 def _usable_terminology(terminology, where) -> dict | None:

@@ -117,9 +117,10 @@ def main():
     abd_ct, abd_labels = (abdomen_dir / "ts_abdpelvis_ct_3mm.nii.gz", abdomen_dir / "ts_abdpelvis_totalseg_labels_3mm.nii.gz")
     hn_dirs = bench.templates()
     abd_dir = template_from_labels(abd_ct, abd_labels, ABDOMEN, bench.work / "abdomen").directory
-    held = {"labels": {"hn": hn_dirs, "abdomen": [abd_dir]},
-            "points": {"hn": [points_only(d, bench.work / "points" / d.name) for d in hn_dirs],
-                       "abdomen": [points_only(abd_dir, bench.work / "points" / "abdomen")]}}
+    held = {"labels": {"hn": hn_dirs, "abdomen": [abd_dir]}}
+    if "points" in args.templates:
+        held["points"] = {"hn": [points_only(d, bench.work / "points" / d.name) for d in hn_dirs],
+                          "abdomen": [points_only(abd_dir, bench.work / "points" / "abdomen")]}
     arms, specs = {}, {}
     for spec in args.arms:
         name, _, text = spec.partition("=")

@@ -251,3 +251,6 @@ def test_slicers_csv_colour_table_is_read(tmp_path):
     table.write_text("LabelValue,Name,Color_R,Color_G,Color_B\nx,Brainstem,1,2,3\n")
     with pytest.raises(InputError, match=r"colors\.csv, line 2: expected"):
         read_color_table(table)
+    table.write_text("LabelValue,Name,Color_R,Color_G,Color_B\n1,Brainstem,1,2,3\n2,Mandible,4\n")  # a short row
+    with pytest.raises(InputError, match=r"colors\.csv, line 3: expected"):
+        read_color_table(table)
