@@ -43,8 +43,9 @@ class FusionSettings:
     # then one weight per feature. Fitted by benchmarks/confidence_fit.py on the hard cases
     # built from 8 scans that are neither dev scans nor templates (docs/bench/confidence_fit.md;
     # judged on the dev scans' in docs/results.md). None: the sixth session's heuristic
-    # (agreement x match x templates used).
-    confidence_weights: tuple | None = (-13.709, 13.871, 2.471, 1.019, 4.122, 2.119)
+    # (agreement x match x templates used). Refitted in the ninth session on the same 8 scans'
+    # hard cases localized by the current code (docs/bench/confidence_fit_ninth.md).
+    confidence_weights: tuple | None = (-13.251, 12.697, 4.46, 2.29, 2.803, 1.472)
 
     def __post_init__(self):
         if self.presence not in ("visible", "box"):
