@@ -351,8 +351,8 @@ class HybridLocalizer:
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
                          evidence: dict, n_templates, from_mask) -> StructureResult:
         box = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
-        # the box's thinnest side: a sliver of a structure at the scan's end cannot be boxed to
-        # a few millimetres, whatever the alignment (one of the confidence model's inputs)
+        # the box's thinnest side, kept in the evidence for confidence studies (the model does not
+        # read it: it did not tell wrong boxes from right ones on the tuning scans, docs/localizer.md)
         evidence = {**evidence, "extent_mm": float(np.min(box[1] - box[0]))}
         shape = fit_shape(medoid_shape, fused.box)
         shape = shape[np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)]
