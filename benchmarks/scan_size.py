@@ -25,7 +25,7 @@ from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.preprocess import resample
 from MedLSAMLib.segment.backends import load_segmenter
 
-from harness import CORE5, Bench, arguments, machine, mean_max, points_only, table_head, write_results
+from harness import Bench, arguments, machine, mean_max, points_only, structure_masks, table_head, write_results
 from segmentation import mean_dice, scores
 
 KINDS = ("labels", "points")
@@ -86,8 +86,8 @@ def main():
 
 def box_ious(structures: dict, labels) -> float:
     """Mean box IoU of the reported boxes against the contours' boxes (LPS: the same whatever the grid)."""
-    ious = [box_iou(np.array(structures[name]["box_lps"]), _mask_box_lps(labels.array == value, labels.geometry))
-            for value, name in CORE5 if (labels.array == value).any()]
+    ious = [box_iou(np.array(structures[name]["box_lps"]), _mask_box_lps(mask, labels.geometry))
+            for _, name, mask in structure_masks(labels)]
     return float(np.mean(ious))
 
 

@@ -11,7 +11,7 @@ step aliases. (A 128^3 head-and-neck scan of 3.9 x 3.9 x 2.5 mm is averaged only
 search image.) Per
 scan, the clamped image, the validity mask and their block averages are made once
 (:class:`WorkingSource`) and shared by every working image. What a 512 x 512 x 300 scan costs,
-and where: docs/results.md ("Seconds per case against scan size").
+and where: docs/results.md ("A 512 x 512 x 300 scan at about twice a 128^3 one").
 """
 from __future__ import annotations
 
@@ -101,15 +101,16 @@ class WorkingSource:
         come straight from the scan's array, a slab at a time (:func:`block_means`): no clamped copy
         of a large scan is ever whole in memory."""
         if (hu_range, factors) not in self._shrunk:
-            finer = self.block_base(hu_range, factors)
             if factors == (1, 1, 1):
                 pair = self.clamped(hu_range) - float(hu_range[0]), self.validity()
-            elif finer != (1, 1, 1):  # means of equal sub-block means: the same numbers, a fraction of the work
+            elif (finer := self.block_base(hu_range, factors)) != (1, 1, 1):
+                # means of equal sub-block means: the same numbers, a fraction of the work
                 step = [int(f // b) for f, b in zip(factors, finer)]
                 pair = tuple(sitk.BinShrink(image, step) for image in self._shrunk[(hu_range, finer)])
             else:
                 grid = self.volume.geometry.binned(factors)
-                pair = tuple(_image(a, grid) for a in block_means(self.volume.array, factors, hu_range, self.pad))
+                means = block_means(self.volume.array, factors, hu_range, self.pad)
+                pair = tuple(to_sitk(Volume(a, grid)) for a in means)
             self._shrunk[(hu_range, factors)] = pair
         return self._shrunk[(hu_range, factors)]
 
@@ -155,12 +156,6 @@ def block_means(array_kji: np.ndarray, factors: tuple[int, int, int], hu_range: 
             both = torch.stack([torch.clamp(slab, low, high) - low, valid])[:, None]
             out[:, k0 // fk:(k0 + slab.shape[0]) // fk] = F.avg_pool3d(both, (fk, fj, fi))[:, 0].numpy()
     return out[0], out[1]
-
-
-def _image(array_kji: np.ndarray, geometry: Geometry) -> sitk.Image:
-    image = sitk.GetImageFromArray(array_kji)
-    apply_geometry(image, geometry)
-    return image
 
 
 def working_image(source: Volume | WorkingSource, spacing_mm, sigma_mm: float,
