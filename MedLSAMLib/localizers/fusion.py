@@ -84,6 +84,16 @@ def fuse_boxes(boxes: np.ndarray, used: np.ndarray, trimmed_from: int = 4) -> Fu
     return FusedBox(fused, used, int(used[int(np.argmax(ious))]), float(np.mean(ious)))
 
 
+def agreement_in_data(boxes: np.ndarray, fused: np.ndarray, fov: np.ndarray) -> float:
+    """Mean IoU of ``boxes`` ([T, 2, 3] LPS) with ``fused`` ((2, 3)), all clipped to the data box
+    ``fov``: how well the templates agree on the part of a structure the scan shows. For a
+    structure mostly outside the data, whole boxes can agree well while their ends inside it,
+    all the scan shows, do not (a box outside the data clips to nothing: IoU 0)."""
+    clipped = np.clip(boxes, fov[0], fov[1])
+    target = np.clip(fused, fov[0], fov[1])
+    return float(np.mean([box_iou(b, target) for b in clipped])) if len(clipped) else 0.0
+
+
 def extend_open_faces(box: np.ndarray, open_votes: np.ndarray, fov: np.ndarray, share: float) -> np.ndarray:
     """The box with each face that the templates mostly saw cut by their scan moved out to the
     query's data boundary ``fov``.

@@ -32,8 +32,9 @@ from ..io import Volume, read_ct
 from ..results import Localization, StructureResult
 from ..templates import extreme_points_of_cloud, load_template_set
 from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, weighted_ncc
-from .fusion import (FusedBox, FusionSettings, confidence, consensus_templates, extend_open_faces, fit_shape,
-                     fuse_boxes, inside_fraction, shown_fraction, visible_box, visible_part)
+from .fusion import (FusedBox, FusionSettings, agreement_in_data, confidence, consensus_templates,
+                     extend_open_faces, fit_shape, fuse_boxes, inside_fraction, shown_fraction, visible_box,
+                     visible_part)
 from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
 from .working import HU_RANGE, WorkingSource, working_image
 
@@ -213,10 +214,15 @@ class HybridLocalizer:
                          _tensor(np.stack([s.values for s in structs]), dev),
                          _tensor(np.stack([s.weights for s in structs]), dev),
                          _tensor(np.stack([s.centre for s in structs]), dev))
-        maps, scores = align(fine, sets, global_maps[[p[0] for p in pairs]], AlignSettings(
+        pre = global_maps[[p[0] for p in pairs]]
+        if st.local_static_outside:
+            with torch.no_grad():
+                _, inside = fine.sample(sets.points @ pre[:, :3, :3].transpose(1, 2) + pre[:, None, :3, 3])
+            sets.weights = sets.weights * (inside > 0.5).float()  # none on the data: the map stays
+        maps, scores = align(fine, sets, pre, AlignSettings(
             iterations=st.local_iterations, lr_translation_mm=1.0, lr_linear=0.01,
-            max_scale_change=st.local_max_scale, translation_only_iterations=20, ignore_outside=True,
-            final_lr_fraction=st.local_final_lr))
+            max_scale_change=st.local_max_scale, translation_only_iterations=20,
+            ignore_outside=not st.local_static_outside, final_lr_fraction=st.local_final_lr))
         maps, scores = maps.cpu().numpy().astype(float), scores.cpu().numpy()
         return ({pair: maps[n] for n, pair in enumerate(pairs)}, {pair: float(scores[n]) for n, pair in enumerate(pairs)})
 
@@ -275,14 +281,19 @@ class HybridLocalizer:
             if self.fusion.visible_boxes:
                 fused = fuse_boxes(seen[:, s], used, self.fusion.trimmed_from)
             open_votes = np.stack([self.prepared[t].structures[name].open_faces for t in used])
-            closed = np.clip(fused.box, fov[0], fov[1]) if keep_stages else None  # stage report only
+            closed = np.clip(fused.box, fov[0], fov[1])
             fused.box = extend_open_faces(fused.box, open_votes, fov, self.fusion.open_face_share)
             box_agreement = fused.agreement
+            voters = used
             if len(used) == 1 and n_t > 1:  # a lone voter agrees with itself: judge it against every template
                 box_agreement = box_iou(boxes[used[0], s], np.median(boxes[:, s], axis=0))
+                voters = np.arange(n_t)
+            visible_agreement = agreement_in_data(seen[voters, s] if self.fusion.visible_boxes else boxes[voters, s],
+                                                  closed, fov)
             evidence = {"match": float(np.median([local_scores[(t, name)] for t in used])),
                         "global_match": float(np.median(global_scores[used])), "agreement": box_agreement,
-                        "templates_used": len(used), "inside_fraction": frac, "visible_fraction": visible}
+                        "templates_used": len(used), "inside_fraction": frac, "visible_fraction": visible,
+                        "visible_agreement": visible_agreement}
             if self.fusion.presence == "visible":
                 present = visible >= self.fusion.min_visible_fraction
             else:  # "box": the sixth session's rule
@@ -353,7 +364,7 @@ class HybridLocalizer:
         box = np.stack([np.clip(fused.box[0], fov[0], fov[1]), np.clip(fused.box[1], fov[0], fov[1])])
         # the box's thinnest side, kept in the evidence for confidence studies (the model does not
         # read it: it did not tell wrong boxes from right ones on the tuning scans, docs/localizer.md)
-        evidence = {**evidence, "extent_mm": float(np.min(box[1] - box[0]))}
+        evidence = {**evidence, "extent_mm": float(np.min(box[1] - box[0])), "height_mm": float(box[1, 2] - box[0, 2])}
         shape = fit_shape(medoid_shape, fused.box)
         shape = shape[np.all((shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6), axis=1)]
         parts = [box]

@@ -14,11 +14,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedLSAMLib.geometry import Geometry, box_from_points
+from MedLSAMLib.geometry import Geometry, box_from_points, box_iou
 from MedLSAMLib.io import Volume, from_sitk, read_ct, read_labels, to_sitk, write_volume
 from MedLSAMLib.localizers import LocalizerSpec
 from MedLSAMLib.localizers.align import QueryImage, block_ncc, weighted_ncc
-from MedLSAMLib.localizers.fusion import (FusionSettings, consensus_templates, extend_open_faces, fit_shape,
+from MedLSAMLib.localizers.fusion import (FusionSettings, agreement_in_data, consensus_templates, extend_open_faces, fit_shape,
                                          fuse_boxes, visible_box)
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.working import HU_RANGE
@@ -114,6 +114,21 @@ def test_a_face_the_templates_saw_cut_by_their_scan_reaches_the_end_of_the_query
     assert out[0, 2] == -300 and np.array_equal(np.delete(out.ravel(), 2), np.delete(box.ravel(), 2))
     votes[1, 0, 2] = False  # one of three: the templates say where it ends
     assert np.array_equal(extend_open_faces(box, votes, fov, 0.5), box)
+
+
+def test_templates_agreeing_on_a_whole_box_can_disagree_on_the_sliver_the_scan_shows():
+    """Three boxes 100 mm long, 10 mm apart head-foot, in a scan whose data ends 30 mm above the
+    lowest one's bottom: the whole boxes agree well, the parts inside the data do not."""
+    boxes = np.array([[[-10, -10, z], [10, 10, z + 100]] for z in (-110.0, -100.0, -90.0)])
+    fused = boxes[1]
+    fov = np.array([[-100, -100, -300], [100, 100, -80]], float)  # the top of the data at z = -80
+    whole = np.mean([box_iou(b, fused) for b in boxes])
+    inside = agreement_in_data(boxes, fused, fov)
+    assert whole > 0.85 and inside == pytest.approx((20 / 30 + 1 + 10 / 20) / 3)  # slivers 30 / 20 / 10 mm
+    wide = np.array([[-300, -300, -400], [300, 300, 300]], float)  # all of them in the data
+    assert agreement_in_data(boxes, fused, wide) == pytest.approx(whole)
+    above = boxes + np.array([0, 0, 200.0])  # all beyond the data: nothing of them agrees in it
+    assert agreement_in_data(above[:2], above[1], fov) == 0.0
 
 
 def test_the_part_of_a_shape_past_the_data_does_not_widen_its_box():

@@ -102,7 +102,7 @@ def test_segmentation_makes_a_new_result_and_leaves_the_localizers_alone():
 
 
 #: Evidence the hybrid localizer added since the old files were written (the seventh session).
-ADDED_EVIDENCE = ("global_match", "visible_fraction", "extent_mm")  # ninth session: extent_mm
+ADDED_EVIDENCE = ("global_match", "visible_fraction", "extent_mm", "visible_agreement", "height_mm")  # ninth: extent_mm; tenth: the last two
 
 
 def _without_settings(doc: dict) -> dict:
