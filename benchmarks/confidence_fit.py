@@ -53,6 +53,29 @@ def flag_rows(x: np.ndarray, y: np.ndarray, w: np.ndarray, thresholds=(0.2, 0.3,
              "good": int(y.sum()), "good_flagged": int(((p < t) & y).sum())} for t in thresholds]
 
 
+def by_kind(rows: list[dict], arm: str, w: np.ndarray, confident: float = 0.3) -> list[str]:
+    """Per case kind: confident wrong boxes (present, confidence >= ``confident``, IoU < WRONG)
+    and the most confident box where nothing of the templates' anatomy is shown (abdomen)."""
+    present = [r for r in rows if r["present"] and r["arm"] == arm]
+    x = np.array([confidence_features(r["evidence"], r["templates"]) for r in present])
+    p = 1.0 / (1.0 + np.exp(-(np.hstack([np.ones((len(x), 1)), x]) @ w)))
+    def kind_of(r):  # the two directions of "abdomen" apart (field_of_view.py names the abdomen CT's case)
+        if r["kind"] != "abdomen":
+            return r["kind"]
+        return "abdomen: head-and-neck templates on the abdomen CT" if r["case"] == "ts_abdpelvis" \
+            else "abdomen: the abdomen template on head-and-neck scans"
+
+    kinds = sorted({kind_of(r) for r in present})
+    out = table_head(["case kind", "present boxes", f"confident (>= {confident}) and wrong (IoU < {WRONG})",
+                      "most confident wrong box"])
+    for kind in kinds:
+        idx = [i for i, r in enumerate(present) if kind_of(r) == kind]
+        wrong = [i for i in idx if present[i]["iou"] < WRONG]
+        top = max((p[i] for i in wrong), default=0.0)
+        out.append(f"| {kind} | {len(idx)} | {sum(p[i] >= confident for i in wrong)} | {top:.2f} |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", help="a field_of_view.py result (.json)")
@@ -73,6 +96,8 @@ def main():
              "weights: " + ", ".join(f"{n} {v:+.3f}" for n, v in zip(("intercept", *CONFIDENCE_FEATURES), w)), ""]
     lines += table_head(["threshold", "wrong boxes flagged", "right boxes flagged"])
     lines += [f"| {r['threshold']} | {r['wrong_flagged']} / {r['wrong']} | {r['good_flagged']} / {r['good']} |" for r in table]
+    if args.check:
+        lines += ["", *by_kind(data["rows"], arm, w)]
     text = "\n".join(lines)
     if args.out:
         write_results(args.out, {"rows": args.rows, "arm": arm, "weights": w.round(4).tolist(),
