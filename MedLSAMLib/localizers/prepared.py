@@ -67,11 +67,6 @@ class HybridSettings:
     # case against scan size"). A query within 10 % of the templates' detail is used as it is.
     # 0: the query at local_spacing_mm whatever the templates.
     local_detail_fraction: float = 0.9
-    # The local stage's points that the global map puts off the query's data do not vote, and
-    # a point that moves off the data later reads as air (as in the global stage); False: each
-    # step counts only the points on data, which lets a structure at the scan's end slide out
-    # of it at no cost.
-    local_static_outside: bool = False
     local_final_lr: float = 0.1  # cosine decay of the local step sizes: +0.6 IoU points on dev (docs)
     realign_outliers: bool = True  # a template left out of the consensus gets a second start
     # A structure longer than 1.5 x this (head-foot, mm) is also aligned in parts of about this
