@@ -119,15 +119,24 @@ def visible_box(shape: np.ndarray, fov: np.ndarray) -> np.ndarray:
     """The box of a mapped shape as the scan shows it. Where the query's data ends inside a
     structure, the part of the shape past the end must not widen the box sideways (a spinal
     cord curving backwards below a short scan): the faces in the data come from the points
-    inside it. A face past the data keeps the whole shape's value: the structure runs on there,
-    fusion votes with that value and the fused box is clipped to the data afterwards."""
+    inside it. A face that the shape crosses keeps the whole shape's value: the structure runs
+    on there, fusion votes with that value and the fused box is clipped to the data afterwards.
+    The shape crosses a face where some of its points lie past that face and inside the data's
+    range on the other two axes: a cord that leaves a neck slab at its lower end does not cross
+    the slab's posterior face, though its lower part lies behind it (the data of a slab at the
+    head is narrower than the shoulders below)."""
     whole = box_from_points(shape)
     inside = visible_part(shape, fov)
     if len(inside) == len(shape):
         return whole  # all in the data (or none: the structure is outside the scan)
     box = box_from_points(inside)
-    box[0] = np.where(whole[0] < fov[0], whole[0], box[0])
-    box[1] = np.where(whole[1] > fov[1], whole[1], box[1])
+    within = (shape >= fov[0] - 1e-6) & (shape <= fov[1] + 1e-6)  # [N, 3] per axis
+    for axis in range(3):
+        others = np.delete(within, axis, axis=1).all(axis=1)
+        if np.any(others & (shape[:, axis] < fov[0, axis])):
+            box[0, axis] = whole[0, axis]
+        if np.any(others & (shape[:, axis] > fov[1, axis])):
+            box[1, axis] = whole[1, axis]
     return box
 
 

@@ -145,6 +145,20 @@ def test_the_part_of_a_shape_past_the_data_does_not_widen_its_box():
     assert np.array_equal(visible_box(shape, inside), box_from_points(shape))
 
 
+def test_a_shape_leaving_a_slab_at_its_end_does_not_cross_the_slabs_narrower_sides():
+    """The same cord in a slab z in [-190, -100] whose data ends posteriorly at y = 280 (a head
+    narrower than the shoulders): the cord's lower part lies behind y = 280 but below the slab,
+    so it leaves through the slab's lower end only. Its box in the slab keeps the posterior face
+    of the part shown (y = 250) and the lower face of the whole cord (clipped later)."""
+    z = np.linspace(-300.0, -100.0, 201)
+    shape = np.stack([np.full_like(z, 240.0), 250.0 + np.clip(-200.0 - z, 0, None) * 0.5, z], axis=1)
+    slab = np.array([[0, 0, -190], [500, 280, -100]], float)
+    box = visible_box(shape, slab)
+    assert box[1, 1] == 250.0 and box[0, 2] == -300.0
+    short = np.array([[0, 0, -300], [500, 280, -100]], float)  # now it does cross y = 280, inside z
+    assert visible_box(shape, short)[1, 1] == 300.0
+
+
 def test_only_long_head_foot_structures_are_cut_into_parts():
     z = np.linspace(-300.0, -110.0, 400)
     cord = np.stack([240.0 + 5 * np.sin(z / 40), 250.0 + 0.002 * (z + 200) ** 2, z], axis=1)
