@@ -36,7 +36,7 @@ import numpy as np
 from MedLSAMLib.evaluate import _mask_box_lps
 from MedLSAMLib.geometry import box_iou
 from MedLSAMLib.io import Volume, read_ct
-from MedLSAMLib.localizers.fusion import FusionSettings
+from MedLSAMLib.localizers.fusion import FusionSettings, confidence
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.localizers.prepared import HybridSettings
 from MedLSAMLib.templates import template_from_labels
@@ -110,7 +110,12 @@ def main():
     ap.add_argument("--kinds", nargs="+", help="only these case kinds (default: all)")
     ap.add_argument("--templates", nargs="+", choices=("labels", "points"), default=["labels"],
                     help="what the templates hold: label maps, six points per structure, or both")
+    ap.add_argument("--rescore", metavar="RUN.json",
+                    help="no localizing: that run's rows with each present structure's confidence recomputed "
+                    "from its evidence by the product's model (after a refit), summarized again into --out")
     args = ap.parse_args()
+    if args.rescore:
+        return rescore(args.rescore, args.out)
     bench = Bench(args, "fov")
     cases = bench.dev_cases() if args.scans == "dev" else bench.other_cases()
     abdomen_dir = bench.shared_data("totalseg_abdomen")
@@ -165,6 +170,20 @@ def main():
                    "seconds_per_case": float(np.mean(seconds[a]))} for a in arms}
     write_results(args.out, {"arms": specs, "scans": args.scans, "templates": args.templates,
                              "queries": len(cases), "summary": summary, "rows": rows}, markdown(summary))
+
+
+def rescore(run: str, out: str) -> None:
+    """Rewrite ``run``'s summary with the confidences the product's model gives its rows' evidence
+    (boxes, presence and IoU as localized; the confidence of the arm's settings at default fusion)."""
+    data = json.loads(open(run).read())
+    for r in data["rows"]:
+        r["confidence"] = round(confidence(r["evidence"], r["templates"]), 4) if r["present"] else 0.0
+    arms = list(data["summary"])
+    data["summary"] = {a: {"kinds": summarize([r for r in data["rows"] if r["arm"] == a]),
+                           "flags": flag_table([r for r in data["rows"] if r["arm"] == a]),
+                           "seconds_per_case": data["summary"][a]["seconds_per_case"]} for a in arms}
+    data["rescored_from"] = run
+    write_results(out, data, markdown(data["summary"]))
 
 
 def markdown(summary: dict) -> str:

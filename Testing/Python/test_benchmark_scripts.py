@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from MedLSAMLib.localizers.fusion import CONFIDENCE_FEATURES, confidence
+
 from conftest import REPO, SHARED
 
 BENCH = REPO / "benchmarks"
@@ -131,7 +133,18 @@ def test_field_of_view_benchmark_and_the_confidence_fit(tmp_path):
     fit = subprocess.run([sys.executable, str(BENCH / "confidence_fit.py"), str(out.with_suffix(".json")),
                           "--out", str(tmp_path / "fit")], capture_output=True, encoding="utf-8", errors="replace")
     assert fit.returncode == 0, fit.stderr[-2000:]
-    assert len(json.loads((tmp_path / "fit.json").read_text())["weights"]) == 6
+    assert len(json.loads((tmp_path / "fit.json").read_text())["weights"]) == len(CONFIDENCE_FEATURES) + 1
     check = subprocess.run([sys.executable, str(BENCH / "confidence_fit.py"), str(out.with_suffix(".json")), "--check"],
                            capture_output=True, encoding="utf-8", errors="replace")
     assert check.returncode == 0 and "Product weights" in check.stdout, check.stderr[-2000:]
+    assert "| abdomen: the abdomen template on head-and-neck scans | " in check.stdout  # per case kind
+    # a refit's confidences without localizing again: each present row's from its own evidence
+    for row in result["rows"]:
+        row["confidence"] = 0.123
+    (tmp_path / "old.json").write_text(json.dumps(result))
+    run_script("field_of_view.py", "--rescore", str(tmp_path / "old.json"), "--out", str(tmp_path / "new"))
+    new = json.loads((tmp_path / "new.json").read_text())
+    for old, row in zip(result["rows"], new["rows"]):
+        assert row["iou"] == old["iou"] and row["present"] == old["present"]
+        assert row["confidence"] == (round(confidence(row["evidence"], row["templates"]), 4) if row["present"] else 0.0)
+    assert new["summary"]["default"]["kinds"]["full"] == result["summary"]["default"]["kinds"]["full"]
