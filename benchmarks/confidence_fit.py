@@ -47,29 +47,35 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50
     return w
 
 
+def probabilities(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The logistic model's probability of "right" for features [N, F] and weights (intercept first)."""
+    return 1.0 / (1.0 + np.exp(-(np.hstack([np.ones((len(x), 1)), x]) @ w)))
+
+
 def flag_rows(x: np.ndarray, y: np.ndarray, w: np.ndarray, thresholds=(0.2, 0.3, 0.4, 0.5, 0.6)) -> list[dict]:
-    p = 1.0 / (1.0 + np.exp(-(np.hstack([np.ones((len(x), 1)), x]) @ w)))
+    p = probabilities(x, w)
     return [{"threshold": t, "wrong": int((~y).sum()), "wrong_flagged": int(((p < t) & ~y).sum()),
              "good": int(y.sum()), "good_flagged": int(((p < t) & y).sum())} for t in thresholds]
 
 
-def by_kind(rows: list[dict], arm: str, w: np.ndarray, confident: float = 0.3) -> list[str]:
-    """Per case kind: confident wrong boxes (present, confidence >= ``confident``, IoU < WRONG)
-    and the most confident box where nothing of the templates' anatomy is shown (abdomen)."""
-    present = [r for r in rows if r["present"] and r["arm"] == arm]
-    x = np.array([confidence_features(r["evidence"], r["templates"]) for r in present])
-    p = 1.0 / (1.0 + np.exp(-(np.hstack([np.ones((len(x), 1)), x]) @ w)))
-    def kind_of(r):  # the two directions of "abdomen" apart (field_of_view.py names the abdomen CT's case)
-        if r["kind"] != "abdomen":
-            return r["kind"]
-        return "abdomen: head-and-neck templates on the abdomen CT" if r["case"] == "ts_abdpelvis" \
-            else "abdomen: the abdomen template on head-and-neck scans"
+def case_kind(row: dict) -> str:
+    """The row's case kind, with the two directions of "abdomen" apart (field_of_view.py names the
+    abdomen CT's own case ``ts_abdpelvis``)."""
+    if row["kind"] != "abdomen":
+        return row["kind"]
+    return ("abdomen: head-and-neck templates on the abdomen CT" if row["case"] == "ts_abdpelvis"
+            else "abdomen: the abdomen template on head-and-neck scans")
 
-    kinds = sorted({kind_of(r) for r in present})
+
+def by_kind(rows: list[dict], arm: str, w: np.ndarray, confident: float = 0.3) -> list[str]:
+    """Table lines, per case kind: the present boxes, the confident wrong ones (confidence >=
+    ``confident``, IoU < WRONG) and the highest confidence of a wrong box."""
+    present = [r for r in rows if r["present"] and r["arm"] == arm]
+    p = probabilities(np.array([confidence_features(r["evidence"], r["templates"]) for r in present]), w)
     out = table_head(["case kind", "present boxes", f"confident (>= {confident}) and wrong (IoU < {WRONG})",
                       "most confident wrong box"])
-    for kind in kinds:
-        idx = [i for i, r in enumerate(present) if kind_of(r) == kind]
+    for kind in sorted({case_kind(r) for r in present}):
+        idx = [i for i, r in enumerate(present) if case_kind(r) == kind]
         wrong = [i for i in idx if present[i]["iou"] < WRONG]
         top = max((p[i] for i in wrong), default=0.0)
         out.append(f"| {kind} | {len(idx)} | {sum(p[i] >= confident for i in wrong)} | {top:.2f} |")
