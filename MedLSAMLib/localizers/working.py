@@ -149,12 +149,20 @@ def block_means(array_kji: np.ndarray, factors: tuple[int, int, int], hu_range: 
     out = np.empty((2, nk // fk, nj // fj, ni // fi), np.float32)
     step = max(1, slab_voxels // max(nj * ni * fk, 1)) * fk
     low, high = float(hu_range[0]), float(hu_range[1])
+    both = torch.empty((2, min(step, nk), nj, ni))  # one buffer for every slab: no fresh memory per slab
     with torch.no_grad():
         for k0 in range(0, nk, step):
-            slab = torch.from_numpy(array_kji[k0:min(k0 + step, nk), :nj, :ni]).float()  # a strided view
-            valid = (slab != pad).float() if pad is not None else torch.ones(slab.shape)
-            both = torch.stack([torch.clamp(slab, low, high) - low, valid])[:, None]
-            out[:, k0 // fk:(k0 + slab.shape[0]) // fk] = F.avg_pool3d(both, (fk, fj, fi))[:, 0].numpy()
+            n = min(step, nk - k0)
+            slab = torch.from_numpy(array_kji[k0:k0 + n, :nj, :ni])  # a strided view
+            if slab.is_floating_point() and slab.dtype != torch.float32:
+                slab = slab.float()  # integer scans are promoted by clamp itself
+            pair = both[:, :n]
+            torch.clamp(slab, low, high, out=pair[0]).sub_(low)
+            if pad is not None:
+                torch.ne(slab, pad, out=pair[1])
+            else:
+                pair[1].fill_(1.0)
+            out[:, k0 // fk:(k0 + n) // fk] = F.avg_pool3d(pair[:, None], (fk, fj, fi))[:, 0].numpy()
     return out[0], out[1]
 
 
