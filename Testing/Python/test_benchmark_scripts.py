@@ -108,6 +108,17 @@ def test_template_kinds_and_count_benchmarks(tmp_path):
     assert list(rows[0]["arms"]) == ["labels", "points"]
     for arm in ("labels", "points"):
         assert 0.4 < sum(v["dice"] for v in rows[0]["arms"][arm].values()) / 5 <= 1.0, rows
+    # two runs compared case by case: the same run gives no difference; every Dice 3 points higher, +3.0 exactly
+    raised = json.loads(out.with_suffix(".json").read_text())
+    for v in raised["rows"][0]["arms"]["points"].values():
+        v["dice"] += 0.03
+    (tmp_path / "raised.json").write_text(json.dumps(raised))
+    compare = subprocess.run([sys.executable, str(BENCH / "paired.py"), str(out.with_suffix(".json")),
+                              str(tmp_path / "raised.json")], capture_output=True, encoding="utf-8")
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    lines = {ln.split(" | ")[0]: ln for ln in compare.stdout.splitlines()}
+    assert "| +0.0 (+0.0 to +0.0) | 0 / 0 |" in lines["| labels"], compare.stdout
+    assert "| +3.0 (+3.0 to +3.0) | 5 / 0 |" in lines["| points"], compare.stdout
     out = tmp_path / "count"
     run_script("template_count.py", "--limit", "1", "--counts", "1", "2", "--out", str(out))
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
