@@ -159,3 +159,17 @@ def test_field_of_view_benchmark_and_the_confidence_fit(tmp_path):
         assert row["iou"] == old["iou"] and row["present"] == old["present"]
         assert row["confidence"] == (round(confidence(row["evidence"], row["templates"]), 4) if row["present"] else 0.0)
     assert new["summary"]["default"]["kinds"]["full"] == result["summary"]["default"]["kinds"]["full"]
+
+
+def test_scan_size_benchmark_keeps_the_median_run(tmp_path):
+    out = tmp_path / "size"
+    run_script("scan_size.py", "--limit", "1", "--repeat", "2", "--size", "160", "160", "100", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["meta"]["repeat"] == 2
+    rows = result["rows"]
+    assert [(r["size"], r["kind"]) for r in rows] == [("stored", "labels"), ("stored", "points"),
+                                                      ("large", "labels"), ("large", "points")]
+    assert [r["voxels"] for r in rows[2:]] == [[160, 160, 100]] * 2
+    for r in rows:
+        assert r["timing_s"]["total"] > 0 and 0.4 < r["dice"] <= 1.0 and 0.3 < r["box_iou"] <= 1.0, r
+    assert "timed 2 time(s)" in out.with_suffix(".md").read_text()
