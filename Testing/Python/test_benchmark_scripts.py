@@ -173,3 +173,14 @@ def test_scan_size_benchmark_keeps_the_median_run(tmp_path):
     for r in rows:
         assert r["timing_s"]["total"] > 0 and 0.4 < r["dice"] <= 1.0 and 0.3 < r["box_iou"] <= 1.0, r
     assert "timed 2 time(s)" in out.with_suffix(".md").read_text()
+
+
+def test_device_check_on_the_cpu_compares_like_with_like(tmp_path):
+    """The GPU session's check, run with the CPU as the "device": both sides must agree exactly."""
+    out = tmp_path / "device"
+    run_script("device_check.py", "--device", "cpu", "--limit", "1", "--no-large", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 1 and len(rows[0]["structures"]) == 5
+    for s in rows[0]["structures"].values():
+        assert s["face_difference_mm"] == 0.0 and s["iou_cpu"] == s["iou_device"] > 0.2, s
+    assert "largest face difference between the two: 0.0 mm" in out.with_suffix(".md").read_text()
