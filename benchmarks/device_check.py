@@ -21,7 +21,7 @@ import torch
 
 from MedLSAMLib.evaluate import _mask_box_lps
 from MedLSAMLib.geometry import box_iou
-from MedLSAMLib.io import read_ct, read_labels, write_volume
+from MedLSAMLib.io import read_labels, write_volume
 from MedLSAMLib.localizers.hybrid import HybridLocalizer
 from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.segment.backends import load_segmenter
