@@ -6,6 +6,8 @@ Arms (each is ``medlsam segment``'s own path, ``CohortSegmenter.segment_volume``
 * ``labels``: label-map templates (``template from-labels``), default options: the ceiling.
 * ``points``: the same templates with ``labels`` removed from ``template.json``; default options
   (each structure's mask made from its six points on the template's CT, carried onto the scan).
+* ``labels_affine`` / ``points_affine``: as ``labels`` / ``points`` without the deformable
+  refinement and weighted fusion (each template's mask carried by its affines, equal votes, cut at 0.5).
 * ``points_sam``: points-only, masks from points turned off: LiteMedSAM per slice is all there
   is (the path before point masks): the floor.
 * ``points_blend``: points-only, SAM blended half and half with the carried point masks.
@@ -30,11 +32,11 @@ from MedLSAMLib.pipeline import CohortSegmenter
 from MedLSAMLib.segment.backends import load_segmenter
 from MedLSAMLib.segment.slices import SegmentOptions
 
-from harness import CORE5, Bench, arguments, machine, mean_max, points_only, table_head, write_results
+from harness import CORE5, Bench, add_scan_set_option, arguments, machine, mean_max, points_only, table_head, write_results
 from segmentation import mean_dice, scores, structure_cells
 
 
-ARMS = ("labels", "points", "points_sam", "points_blend")
+ARMS = ("labels", "points", "labels_affine", "points_affine", "points_sam", "points_blend")
 
 
 def in_plane(ct, labels, size: int):
@@ -51,6 +53,7 @@ def in_plane(ct, labels, size: int):
 def main():
     ap = arguments(__doc__, "docs/bench/template_kinds")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    add_scan_set_option(ap, "--scans", "other", "the 16 dev scans")
     ap.add_argument("--in-plane", type=int, default=0, help="resample each scan to N x N in-plane (0: as stored)")
     args = ap.parse_args()
     bench = Bench(args, "kinds")
@@ -60,6 +63,8 @@ def main():
     defaults = SegmentOptions()
     setups = {"labels": (label_dirs, HybridSettings(), defaults),
               "points": (point_dirs, HybridSettings(), defaults),
+              "labels_affine": (label_dirs, HybridSettings(refine=None), defaults),
+              "points_affine": (point_dirs, HybridSettings(refine=None), defaults),
               "points_sam": (point_dirs, HybridSettings(point_masks=None), defaults),
               "points_blend": (point_dirs, HybridSettings(), replace(defaults, prior_weight=0.5))}
     cohorts, prepare_s = {}, {}
@@ -71,7 +76,8 @@ def main():
         cohorts[arm] = CohortSegmenter(localizer, seg, options)
 
     rows = []
-    for n, case in enumerate(bench.dev_cases(), 1):
+    cases = bench.dev_cases() if args.scans == "dev" else bench.other_cases()
+    for n, case in enumerate(cases, 1):
         ct, labels = bench.case(case)
         if args.in_plane:
             ct, labels = in_plane(ct, labels, args.in_plane)

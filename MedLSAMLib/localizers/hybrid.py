@@ -35,6 +35,7 @@ from .align import AlignSettings, PointSets, QueryImage, align, apply_affine, we
 from .fusion import (FusedBox, FusionSettings, agreement_in_data, confidence, consensus_templates,
                      extend_open_faces, fit_shape, fuse_boxes, inside_fraction, shown_fraction, visible_box,
                      visible_part)
+from . import refine
 from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
 from .working import HU_RANGE, WorkingSource, working_image
 
@@ -68,6 +69,9 @@ class HybridLocalizer:
         loaded = [prepare_cached(t, self.structures, self.settings, cache) for t in self.templates]
         self.prepared: list[PreparedTemplate] = [p for p, _ in loaded]
         self.cache_hits = sum(hit for _, hit in loaded)
+        # per structure, the vote threshold of the fused masks (refine.fuse); the settings' default
+        # for any structure not named
+        self.thresholds: dict[str, float] = {}
         self.setup_s = time.perf_counter() - t0
 
     def describe(self) -> dict:
@@ -102,7 +106,7 @@ class HybridLocalizer:
         result = self._assemble(volume.geometry, fov, first_global, global_scores.cpu().numpy(),
                                 local_maps, local_scores, keep_stages, realigned)
         if priors:
-            result["priors"] = self.shape_priors(volume.geometry, result["structures"], local_maps, result["used"])
+            result["priors"] = self.shape_priors(volume, source.pad, result["structures"], local_maps, result["used"])
         t_end = time.perf_counter()
         timing = {"read": t_read - t0, "preprocess": t_prep - t_read + t_fine - t_global, "global": t_global - t_prep,
                   "local": t_local - t_fine, "fuse": t_end - t_local, "templates_setup": self.setup_s,
@@ -316,12 +320,16 @@ class HybridLocalizer:
                 }
         return {"structures": out, "stages": stages, "used": used}
 
-    def shape_priors(self, geometry: Geometry, structures: dict, local_maps: dict, used, margin: int = 2) -> dict:
-        """Per present structure: the voting templates' label masks carried onto the query by their
-        own local affine and averaged, in the structure's box + ``margin`` voxels. Returns
-        ``{name: (offset_kji, probability float32 [k, j, i])}``; structures whose templates have
-        no label map are left out. The segmenter can blend it with SAM (SegmentOptions.prior_weight)."""
+    def shape_priors(self, volume: Volume, pad: float | None, structures: dict, local_maps: dict, used,
+                     margin: int = 2) -> dict:
+        """Per present structure: the voting templates' masks carried onto the query by their own
+        local affine, each refined by a deformable registration and the templates fused with
+        weights (``HybridSettings.refine``, refine.py), or, with ``refine=None``, averaged; in the
+        structure's box + ``margin`` voxels. Returns ``{name: (offset_kji, probability float32
+        [k, j, i])}`` (0.5 is the structure's edge); structures whose templates have no mask are
+        left out. The segmenter can blend it with SAM (SegmentOptions.prior_weight)."""
         out = {}
+        geometry = volume.geometry
         size = np.asarray(geometry.size)
         for name, entry in structures.items():
             voters = [t for t in used if self.prepared[t].structures[name].mask.size]
@@ -329,33 +337,79 @@ class HybridLocalizer:
                 continue
             lo = np.maximum(np.asarray(entry.box_ijk[0]) - margin, 0)
             hi = np.minimum(np.asarray(entry.box_ijk[1]) + margin, size - 1)
-            box = _BoxGrid(geometry.ijk_to_lps_matrix, lo, hi)
-            prob = sum(self._carried_mask(t, name, local_maps, box) for t in voters) / len(voters)
-            out[name] = (lo[::-1].copy(), prob.numpy())
+            positions = _BoxGrid(geometry.ijk_to_lps_matrix, lo, hi).mapped(np.eye(4)).double()
+            refine = self.settings.refine
+            if refine is not None and all(self.prepared[t].structures[name].image.size for t in voters):
+                prob = self._refined_prior(volume, pad, name, voters, local_maps, lo, hi, positions)
+            else:
+                prob = (sum(self._carried_mask(t, name, local_maps, positions) for t in voters) / len(voters)).numpy()
+            out[name] = (lo[::-1].copy(), prob.astype(np.float32))
         return out
 
-    def _carried_mask(self, t: int, name: str, local_maps: dict, box: "_BoxGrid") -> torch.Tensor:
-        """Template ``t``'s mask of ``name`` sampled at the query voxels of ``box``: through the
-        structure's local affine, or, for a structure aligned in parts, through the part whose
-        head-foot slab each voxel falls in (in the template's frame), as its box was made."""
-        s = self.prepared[t].structures[name]
-        to_mask = np.linalg.inv(s.mask_ijk_to_lps)
+    def _refined_prior(self, volume: Volume, pad, name: str, voters, local_maps: dict, lo, hi,
+                       positions: torch.Tensor) -> np.ndarray:
+        """The fused probability of ``name`` at the query voxels ``positions`` (LPS, [k, j, i, 3])
+        of the box ``lo`` .. ``hi``: each voter's mask warped by its demons field, outliers left
+        out, the rest weighted by local similarity (refine.py)."""
+        rs = self.settings.refine
+        geometry = volume.geometry
+        grid = refine.crop_grid(geometry.ijk_to_lps_matrix, lo, hi, rs)
+        crop_lps = grid.positions()
+        low, high = rs.hu_range
+        raw = refine.sample(volume.array, geometry.ijk_to_lps_matrix, crop_lps, fill=np.nan, nearest=True)
+        fixed_valid = torch.isfinite(raw) & ((raw != pad) if pad is not None else True)
+        fixed = refine.sample(volume.array, geometry.ijk_to_lps_matrix, crop_lps, fill=low).clamp(low, high).numpy()
+        linear = torch.as_tensor(grid.ijk_to_lps[:3, :3], dtype=torch.float64)  # crop voxel steps -> LPS
+        to_crop = np.linalg.inv(grid.ijk_to_lps)
+        out_crop = refine._apply(to_crop, positions)
+        masks, weights = [], []
+        for t in voters:
+            s = self.prepared[t].structures[name]
+            image = np.where(s.image == refine.NO_DATA, low, s.image).astype(np.float32)
+            has_data = (s.image != refine.NO_DATA).astype(np.uint8)
+
+            def template_values(query_lps):
+                where = self._template_positions(t, name, local_maps, query_lps)
+                valid = refine.sample(has_data, s.image_ijk_to_lps, where, nearest=True) > 0.5
+                return refine.sample(image, s.image_ijk_to_lps, where, fill=low).clamp(low, high).numpy(), valid
+
+            moving, moving_valid = template_values(crop_lps)
+            both = (fixed_valid & moving_valid).numpy()
+            moving = np.where(both, moving, fixed)  # no force where either scan has no data
+            field = refine.demons(fixed, moving, grid.spacing, rs)
+            warped_lps = crop_lps + torch.as_tensor(field, dtype=torch.float64) @ linear.T
+            warped, warped_valid = template_values(warped_lps)
+            weight = refine.similarity_weight(fixed, warped, both & warped_valid.numpy(), grid.spacing, rs)
+            # the output voxels: displaced by the field interpolated at them
+            displaced = positions + refine.interpolate_field(field, out_crop).double() @ linear.T
+            masks.append(self._carried_mask(t, name, local_maps, displaced).numpy())
+            weights.append(refine.interpolate_field(weight[..., None], out_crop)[..., 0].numpy())
+        kept = refine.leave_out_outliers(masks, rs.outlier_mad)
+        return refine.fuse([masks[k] for k in kept], [weights[k] for k in kept], self.thresholds.get(name, rs.threshold))
+
+    def _template_positions(self, t: int, name: str, local_maps: dict, query_lps: torch.Tensor) -> torch.Tensor:
+        """Query LPS positions ([..., 3]) in template ``t``'s LPS: through the structure's local
+        affine, or, for a structure aligned in parts, through the part whose head-foot slab each
+        position falls in (in the template's frame), else the nearest, as its box was made."""
         parts = self.prepared[t].parts.get(name)
-        if not parts:  # query voxel -> query LPS -> template LPS -> template mask voxel: one matrix
-            return _sample_mask(s.mask, box.mapped(to_mask @ np.linalg.inv(local_maps[(t, name)])))
-        inverse = [np.linalg.inv(local_maps[(t, name, n)]) for n in range(len(parts))]
-        slab_distance = []  # per part: how far (head-foot, template frame) each voxel is from its slab
-        for part, inv in zip(parts, inverse):
-            z = box.mapped(inv, rows=[2])[..., 0]
+        if not parts:
+            return refine._apply(np.linalg.inv(local_maps[(t, name)]), query_lps)
+        mapped = [refine._apply(np.linalg.inv(local_maps[(t, name, n)]), query_lps) for n in range(len(parts))]
+        slab_distance = []
+        for part, where in zip(parts, mapped):
             lo, hi = float(part.shape[:, 2].min()), float(part.shape[:, 2].max())
-            slab_distance.append(torch.clamp(torch.maximum(lo - z, z - hi), min=0))
-        nearest = torch.argmin(torch.stack(slab_distance), dim=0)  # the part whose slab holds the voxel, else the closest
-        sampled = torch.zeros(box.shape)
-        for n, inv in enumerate(inverse):  # each part sampled only where it is the nearest
+            slab_distance.append(torch.clamp(torch.maximum(lo - where[..., 2], where[..., 2] - hi), min=0))
+        nearest = torch.argmin(torch.stack(slab_distance), dim=0)
+        out = mapped[0].clone()
+        for n in range(1, len(parts)):
             chosen = nearest == n
-            if bool(chosen.any()):
-                sampled[chosen] = _sample_mask(s.mask, box.mapped(to_mask @ inv)[chosen])
-        return sampled
+            out[chosen] = mapped[n][chosen]
+        return out
+
+    def _carried_mask(self, t: int, name: str, local_maps: dict, query_lps: torch.Tensor) -> torch.Tensor:
+        """Template ``t``'s mask of ``name`` sampled (trilinear, 0 outside) at query LPS positions."""
+        s = self.prepared[t].structures[name]
+        return refine.sample(s.mask, s.mask_ijk_to_lps, self._template_positions(t, name, local_maps, query_lps))
 
     def _structure_entry(self, name, geometry: Geometry, fov, fused: FusedBox, medoid_shape, present,
                          evidence: dict, n_templates, from_mask) -> StructureResult:
@@ -399,16 +453,6 @@ class _BoxGrid:
         m = torch.as_tensor(lps_to @ self.to_lps, dtype=torch.float64)[list(rows)]
         i, j, k = (self.axes[a][:, None] * m[:, a] for a in range(3))
         return (k[:, None, None] + j[None, :, None] + i[None, None, :] + m[:, 3]).float()
-
-
-def _sample_mask(mask: np.ndarray, ijk: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples of a uint8 [k, j, i] mask at its voxel coordinates ``ijk`` ([..., 3], i, j, k
-    order), 0 outside it; shaped as ``ijk`` without its last axis."""
-    shape = torch.tensor(mask.shape[::-1], dtype=torch.float32)  # (i, j, k) sizes
-    grid = 2.0 * ijk / torch.clamp(shape - 1, min=1) - 1.0  # align_corners=True: voxel centres at +-1
-    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-    return torch.nn.functional.grid_sample(m, grid.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
-                                           align_corners=True).view(ijk.shape[:-1])
 
 
 def _corners(box: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from ..weights import sha256
 from ..point_masks import PointMaskSettings, mask_from_points
 from ..templates import MANIFEST, Template
 from .align import QueryImage
+from .refine import NO_DATA, RefineSettings
 from .working import SOFT_TISSUE_RANGE, WorkingSource, grid_points, working_image
 
 import torch  # noqa: E402  (after the package imports: torch is the slow one)
@@ -83,6 +84,9 @@ class HybridSettings:
     # own CT (point_masks), carried onto each scan like a label map's (six-point templates: 34 ->
     # 60 % Dice on dev, docs/results.md). None: its shape stays the six points (no prior for it).
     point_masks: PointMaskSettings | None = field(default_factory=PointMaskSettings)
+    # Each carried mask refined by a deformable registration around its structure and the
+    # templates fused with weights (refine.py). None: the affinely carried masks, averaged.
+    refine: RefineSettings | None = field(default_factory=RefineSettings)
     seed: int = 2023
 
     def key(self) -> dict:
@@ -102,6 +106,10 @@ class PreparedStructure:
     # its voxel -> LPS matrix: what the shape prior samples (hybrid.HybridLocalizer.shape_priors).
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.uint8))
     mask_ijk_to_lps: np.ndarray = field(default_factory=lambda: np.eye(4))
+    # The template's CT around the structure (int16 HU, refine.NO_DATA where it has none) and its
+    # voxel -> LPS matrix: what the deformable refinement registers (refine.py).
+    image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.int16))
+    image_ijk_to_lps: np.ndarray = field(default_factory=lambda: np.eye(4))
 
 
 @dataclass
@@ -144,6 +152,25 @@ def mask_crop(labels: Volume, value: int, margin: int = 2) -> tuple[np.ndarray, 
     return block, matrix
 
 
+def image_crop(image: Volume, pad: float | None, box_lps: np.ndarray, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 HU of the image's voxels over ``box_lps`` + ``margin_mm``, NO_DATA where the image
+    holds padding; that block's ijk -> LPS matrix)."""
+    g = image.geometry
+    corners = np.array([[box_lps[a, 0], box_lps[b, 1], box_lps[c, 2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    ijk = g.lps_to_ijk(corners)
+    margin = margin_mm / g.spacing
+    last = np.asarray(g.size) - 1
+    lo = np.clip(np.floor(ijk.min(0) - margin), 0, last).astype(int)
+    hi = np.clip(np.ceil(ijk.max(0) + margin), 0, last).astype(int)
+    block = image.array[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    crop = np.clip(np.rint(block), -1024, 4000).astype(np.int16)
+    if pad is not None:
+        crop[block == pad] = NO_DATA
+    matrix = g.ijk_to_lps_matrix.copy()
+    matrix[:3, 3] = g.ijk_to_lps(lo.astype(float))
+    return crop, matrix
+
+
 def prepare_template(template: Template, names: list[str], settings: HybridSettings) -> PreparedTemplate:
     rng = np.random.default_rng(settings.seed)
     part_rng = np.random.default_rng(settings.seed + 1)
@@ -183,6 +210,9 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
         cloud = _block_cloud(mask, matrix) if mask is not None else np.zeros((0, 3))
         if len(cloud):
             crop = {"mask": mask, "mask_ijk_to_lps": matrix}
+            if settings.refine is not None:  # the crop reaches past the query's: the affines scale
+                crop["image"], crop["image_ijk_to_lps"] = image_crop(image, source.pad, box_from_points(cloud),
+                                                                     1.5 * settings.refine.margin_mm + 10.0)
             if len(cloud) > settings.shape_points:
                 cloud = cloud[rng.choice(len(cloud), settings.shape_points, replace=False)]
             # The six points are on the mask too; keep them so the extent is exact.
@@ -224,7 +254,7 @@ def head_foot_parts(shape: np.ndarray, length_mm: float) -> list[np.ndarray]:
 
 
 # --- disk cache ------------------------------------------------------------------------------
-CACHE_FORMAT = 9  # bump when PreparedTemplate or the working images change
+CACHE_FORMAT = 10  # bump when PreparedTemplate or the working images change
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLSAM_CACHE") or Path.home() / ".cache" / "medlsam") / "templates"
 
@@ -254,7 +284,8 @@ def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
                        f"s{n}_weights": s.weights,
                        f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask),
                        f"s{n}_open_faces": s.open_faces, f"s{n}_mask": s.mask,
-                       f"s{n}_mask_ijk_to_lps": s.mask_ijk_to_lps})
+                       f"s{n}_mask_ijk_to_lps": s.mask_ijk_to_lps, f"s{n}_image": s.image,
+                       f"s{n}_image_ijk_to_lps": s.image_ijk_to_lps})
     parts = {name: len(prepared.parts.get(name, [])) for name in names}
     for n, name in enumerate(names):
         for k, part in enumerate(prepared.parts.get(name, [])):
@@ -276,7 +307,8 @@ def load_prepared(path: Path) -> PreparedTemplate:
             prepared.structures[name] = PreparedStructure(z[f"s{n}_centre"], z[f"s{n}_points"], z[f"s{n}_values"],
                                                           z[f"s{n}_weights"], z[f"s{n}_shape"],
                                                           bool(z[f"s{n}_from_mask"]), z[f"s{n}_open_faces"],
-                                                          z[f"s{n}_mask"], z[f"s{n}_mask_ijk_to_lps"])
+                                                          z[f"s{n}_mask"], z[f"s{n}_mask_ijk_to_lps"],
+                                                          z[f"s{n}_image"], z[f"s{n}_image_ijk_to_lps"])
             count = meta["parts"][name]
             if count:
                 prepared.parts[name] = [
