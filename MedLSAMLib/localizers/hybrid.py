@@ -36,7 +36,8 @@ from .fusion import (FusedBox, FusionSettings, agreement_in_data, confidence, co
                      extend_open_faces, fit_shape, fuse_boxes, inside_fraction, shown_fraction, visible_box,
                      visible_part)
 from . import refine
-from .prepared import HybridSettings, PreparedTemplate, default_cache_dir, prepare_cached
+from . import loto
+from .prepared import HybridSettings, PreparedTemplate, cache_key, default_cache_dir, prepare_cached
 from .working import HU_RANGE, WorkingSource, working_image
 
 SPL_INTERVAL_MM = 6.0  # sub-part height, as MedLAM's SPL
@@ -72,11 +73,40 @@ class HybridLocalizer:
         # per structure, the vote threshold of the fused masks (refine.fuse); the settings' default
         # for any structure not named
         self.thresholds: dict[str, float] = {}
+        self.learned: dict = {}  # what leave-one-template-out taught (loto.py): thresholds and their Dice
+        t_prepared = time.perf_counter()
+        self.setup_s = t_prepared - t0
+        refine_settings = self.settings.refine
+        if refine_settings is not None and refine_settings.learn_thresholds and len(self.prepared) >= 3:
+            self._learn_from_templates(cache)
+        self.learn_s = time.perf_counter() - t_prepared
         self.setup_s = time.perf_counter() - t0
+
+    def _learn_from_templates(self, cache: Path | None) -> None:
+        """Leave-one-template-out (loto.py): per structure the vote threshold, and the six-point
+        masks improved by the other templates; from the cache when this set was learned before."""
+        key = loto.learned_key([cache_key(t, self.structures, self.settings) for t in self.templates],
+                               self.structures, self.settings.key())
+        path = cache / "learned" / f"{key}.npz" if cache else None
+        found = loto.load_learned(path) if path is not None and path.is_file() else None
+        if found is None:
+            found = loto.learn(self)
+            if path is not None:
+                try:
+                    loto.save_learned(path, *found)
+                except OSError:
+                    pass  # a read-only cache folder only costs time
+        thresholds, improved, report = found
+        self.thresholds = dict(thresholds)
+        for (t, name), mask in improved.items():
+            self.prepared[t].structures[name].mask = mask
+        self.learned = {"thresholds": self.thresholds, "dice_by_threshold": report,
+                        "improved_point_masks": len(improved)}
 
     def describe(self) -> dict:
         return {"kind": self.kind, "settings": self.settings.key(),
-                "template_cache": str(self.cache_dir) if self.cache_dir else None}
+                "template_cache": str(self.cache_dir) if self.cache_dir else None,
+                **({"learned_thresholds": self.thresholds} if self.thresholds else {})}
 
     # -- query ---------------------------------------------------------------------------------
     def localize(self, image: str | Path | Volume, keep_stages: bool = False, priors: bool = False) -> Localization:

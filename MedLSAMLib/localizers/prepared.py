@@ -110,6 +110,7 @@ class PreparedStructure:
     # voxel -> LPS matrix: what the deformable refinement registers (refine.py).
     image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.int16))
     image_ijk_to_lps: np.ndarray = field(default_factory=lambda: np.eye(4))
+    from_points: bool = False  # the mask was made from the six points (no label map for it)
 
 
 @dataclass
@@ -207,9 +208,12 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
             mask, matrix = mask_crop(labels, s.label)
         elif settings.point_masks is not None:
             mask, matrix = mask_from_points(image, s.points, settings.point_masks)
+            crop["from_points"] = True
         cloud = _block_cloud(mask, matrix) if mask is not None else np.zeros((0, 3))
-        if len(cloud):
-            crop = {"mask": mask, "mask_ijk_to_lps": matrix}
+        if not len(cloud):
+            crop = {}
+        else:
+            crop.update({"mask": mask, "mask_ijk_to_lps": matrix})
             if settings.refine is not None:  # the crop reaches past the query's: the affines scale
                 crop["image"], crop["image_ijk_to_lps"] = image_crop(image, source.pad, box_from_points(cloud),
                                                                      1.5 * settings.refine.margin_mm + 10.0)
@@ -285,7 +289,7 @@ def save_prepared(prepared: PreparedTemplate, path: Path) -> None:
                        f"s{n}_shape": s.shape, f"s{n}_from_mask": np.array(s.from_mask),
                        f"s{n}_open_faces": s.open_faces, f"s{n}_mask": s.mask,
                        f"s{n}_mask_ijk_to_lps": s.mask_ijk_to_lps, f"s{n}_image": s.image,
-                       f"s{n}_image_ijk_to_lps": s.image_ijk_to_lps})
+                       f"s{n}_image_ijk_to_lps": s.image_ijk_to_lps, f"s{n}_from_points": np.array(s.from_points)})
     parts = {name: len(prepared.parts.get(name, [])) for name in names}
     for n, name in enumerate(names):
         for k, part in enumerate(prepared.parts.get(name, [])):
@@ -308,7 +312,8 @@ def load_prepared(path: Path) -> PreparedTemplate:
                                                           z[f"s{n}_weights"], z[f"s{n}_shape"],
                                                           bool(z[f"s{n}_from_mask"]), z[f"s{n}_open_faces"],
                                                           z[f"s{n}_mask"], z[f"s{n}_mask_ijk_to_lps"],
-                                                          z[f"s{n}_image"], z[f"s{n}_image_ijk_to_lps"])
+                                                          z[f"s{n}_image"], z[f"s{n}_image_ijk_to_lps"],
+                                                          bool(z[f"s{n}_from_points"]))
             count = meta["parts"][name]
             if count:
                 prepared.parts[name] = [

@@ -45,11 +45,15 @@ class RefineSettings:
     hu_range: tuple[float, float] = (-300.0, 700.0)
     smooth_mm: float = 1.0  # Gaussian on both images before demons (noise)
     iterations: int = 60
-    field_sigma_mm: float = 4.0  # the displacement field's smoothing at each demons step
+    field_sigma_mm: float = 1.5  # the displacement field's smoothing at each demons step
     similarity_hu: float = 60.0  # weight = exp(-local mean squared difference / (2 x this^2))
     similarity_window_mm: float = 4.0
     outlier_mad: float = 3.0  # left out: Dice to the others below median - this x MAD (x 1.48)
     threshold: float = 0.4  # the weighted vote that makes a voxel part of the structure
+    # Learned from the templates by leave-one-template-out (loto.py), three templates or more:
+    # the vote threshold per structure, and six-point masks improved by the other templates.
+    learn_thresholds: bool = True
+    consensus_point_masks: bool = True
 
     def key(self) -> dict:
         return asdict(self)
@@ -92,7 +96,8 @@ def crop_grid(ijk_to_lps: np.ndarray, lo_ijk, hi_ijk, settings: RefineSettings) 
 def sample(array: np.ndarray, ijk_to_lps: np.ndarray, lps: torch.Tensor, fill: float = 0.0,
            nearest: bool = False) -> torch.Tensor:
     """Trilinear (or nearest) samples of a [k, j, i] ``array`` at LPS positions ([..., 3]);
-    ``fill`` outside it. Only the block the positions reach is converted to float."""
+    ``fill`` outside it (trilinear: blended with ``fill`` within a voxel of its edge). Only the
+    block the positions reach is converted to float."""
     ijk = _apply(np.linalg.inv(ijk_to_lps), lps)
     flat = ijk.reshape(-1, 3)
     size = np.array(array.shape[::-1])
@@ -100,14 +105,15 @@ def sample(array: np.ndarray, ijk_to_lps: np.ndarray, lps: torch.Tensor, fill: f
     hi = np.clip(np.ceil(flat.max(0).values.numpy()).astype(int), 0, size - 1)
     block = torch.as_tensor(np.ascontiguousarray(array[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]),
                             dtype=torch.float32)
-    local = (flat - torch.as_tensor(lo, dtype=torch.float64)).float()
+    # one voxel of ``fill`` around the block: beyond it the border (fill) is read, and no axis is
+    # a single voxel (grid_sample would read that voxel at any position along it)
+    block = F.pad(block, (1, 1, 1, 1, 1, 1), value=float(fill))
+    local = (flat - torch.as_tensor(lo - 1, dtype=torch.float64)).float()
     extent = torch.tensor(block.shape[::-1], dtype=torch.float32)
-    grid = 2.0 * local / torch.clamp(extent - 1, min=1) - 1.0  # align_corners=True: centres at +-1
-    # a single voxel along an axis: only its own position is inside
-    grid = torch.where(extent == 1, torch.where(local.abs() <= 0.5, 0.0, 2.0), grid)
-    out = F.grid_sample((block - fill)[None, None], grid.view(1, -1, 1, 1, 3),
-                        mode="nearest" if nearest else "bilinear", padding_mode="zeros", align_corners=True)
-    return (out.view(lps.shape[:-1]) + fill)
+    grid = 2.0 * local / (extent - 1) - 1.0  # align_corners=True: the first and last centres at -1, +1
+    out = F.grid_sample(block[None, None], grid.view(1, -1, 1, 1, 3), mode="nearest" if nearest else "bilinear",
+                        padding_mode="border", align_corners=True).view(-1)
+    return out.view(lps.shape[:-1])
 
 
 def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
