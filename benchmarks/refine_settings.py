@@ -20,17 +20,18 @@ from MedLSAMLib.segment.backends import load_segmenter
 from harness import CORE5, Bench, arguments, points_only, table_head, write_results
 from segmentation import mean_dice, scores
 
-#: name -> changes to the defaults (None: no refinement, the affinely carried masks averaged).
-#: Every variant but "learned" uses the fixed ``threshold`` (no leave-one-template-out).
+#: name -> changes to the defaults (None: no refinement, the affinely carried masks averaged)
 VARIANTS = {
-    "learned": {},
-    "default": {"learn_thresholds": False},
+    "default": {},
+    "no learning": {"learn_thresholds": False},
+    "consensus point masks": {"consensus_point_masks": True},
     "affine": None,
-    "threshold 0.5": {"threshold": 0.5},
-    "threshold 0.3": {"threshold": 0.3},
+    "threshold 0.5": {"learn_thresholds": False, "threshold": 0.5},
+    "threshold 0.3": {"learn_thresholds": False, "threshold": 0.3},
     "equal weights": {"similarity_hu": 1e6},
     "similarity 30 HU": {"similarity_hu": 30.0},
-    "similarity 120 HU": {"similarity_hu": 120.0},
+    "similarity 60 HU": {"similarity_hu": 60.0},
+    "similarity 240 HU": {"similarity_hu": 240.0},
     "no outlier rule": {"outlier_mad": 1e9},
     "field 1.0 mm": {"field_sigma_mm": 1.0},
     "field 2.5 mm": {"field_sigma_mm": 2.5},
@@ -39,13 +40,18 @@ VARIANTS = {
     "120 iterations": {"iterations": 120},
     "margin 25 mm": {"margin_mm": 25.0},
 }
+#: the settings that act when the templates are loaded (leave-one-template-out): a localizer each
+LEARNING = ("learn_thresholds", "consensus_point_masks")
 
 
 def variant_settings(name: str) -> RefineSettings | None:
     change = VARIANTS[name]
-    if change is None:
-        return None
-    return replace(RefineSettings(), **{"learn_thresholds": name == "learned", **change})
+    return None if change is None else replace(RefineSettings(), **change)
+
+
+def learning_of(name: str) -> tuple:
+    settings = variant_settings(name) or RefineSettings()
+    return tuple(getattr(settings, f) for f in LEARNING)
 
 
 def main():
@@ -56,13 +62,13 @@ def main():
     label_dirs = bench.templates(folder="labels")
     kinds = {"labels": label_dirs, "points": [points_only(d, bench.work / "points" / d.name) for d in label_dirs]}
     seg = load_segmenter("litemedsam", device="cpu")
-    cohorts = {}  # (kind, learned): a localizer that learned its thresholds, or one that did not
+    cohorts = {}  # (kind, learning settings) -> a cohort runner whose localizer learned with them
     for kind, dirs in kinds.items():
-        for learned in (True, False):
-            settings = HybridSettings(refine=replace(RefineSettings(), learn_thresholds=learned))
-            cohorts[(kind, learned)] = CohortSegmenter(HybridLocalizer(dirs, settings=settings,
-                                                                       cache_dir=bench.work / "cache"), seg)
-    learned = {kind: cohorts[(kind, True)].localizer.learned for kind in kinds}
+        for learning in sorted({learning_of(v) for v in args.variants}):
+            settings = HybridSettings(refine=replace(RefineSettings(), **dict(zip(LEARNING, learning))))
+            cohorts[(kind, learning)] = CohortSegmenter(HybridLocalizer(dirs, settings=settings,
+                                                                        cache_dir=bench.work / "cache"), seg)
+    learned = {f"{kind}/{learning}": c.localizer.learned for (kind, learning), c in cohorts.items()}
     rows = []
     for n, case in enumerate(bench.other_cases(), 1):
         ct, labels = bench.case(case)
@@ -70,7 +76,7 @@ def main():
         row = {"case": case, "scores": {}, "seconds": {}}
         for kind in kinds:
             for name in args.variants:
-                cohort = cohorts[(kind, name == "learned")]
+                cohort = cohorts[(kind, learning_of(name))]
                 base = cohort.localizer.settings
                 cohort.localizer.settings = replace(base, refine=variant_settings(name))
                 t0 = time.perf_counter()
@@ -80,7 +86,7 @@ def main():
                 cohort.localizer.settings = base
         rows.append(row)
         print(f"[{n}] {case}: " + ", ".join(f"{k} {mean_dice(s):.3f}" for k, s in row["scores"].items()
-                                             if k.endswith(("/default", "/affine", "/learned"))), flush=True)
+                                             if k.endswith(("/default", "/affine"))), flush=True)
     write_results(args.out, {"rows": rows, "learned": learned}, markdown(rows, args.variants))
 
 

@@ -77,7 +77,8 @@ class HybridLocalizer:
         t_prepared = time.perf_counter()
         self.setup_s = t_prepared - t0
         refine_settings = self.settings.refine
-        if refine_settings is not None and refine_settings.learn_thresholds and len(self.prepared) >= 3:
+        learns = refine_settings is not None and (refine_settings.learn_thresholds or refine_settings.consensus_point_masks)
+        if learns and len(self.prepared) >= 3:
             self._learn_from_templates(cache)
         self.learn_s = time.perf_counter() - t_prepared
         self.setup_s = time.perf_counter() - t0
@@ -382,6 +383,15 @@ class HybridLocalizer:
         of the box ``lo`` .. ``hi``: each voter's mask warped by its demons field, outliers left
         out, the rest weighted by local similarity (refine.py)."""
         rs = self.settings.refine
+        masks, weights = self._warped_masks(volume, pad, name, voters, local_maps, lo, hi, positions)
+        kept = refine.leave_out_outliers(masks, rs.outlier_mad)
+        return refine.fuse([masks[k] for k in kept], [weights[k] for k in kept], self.thresholds.get(name, rs.threshold))
+
+    def _warped_masks(self, volume: Volume, pad, name: str, voters, local_maps: dict, lo, hi,
+                      positions: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per voter: its mask of ``name`` warped onto ``positions`` by its demons field, and its
+        local similarity weight there."""
+        rs = self.settings.refine
         geometry = volume.geometry
         grid = refine.crop_grid(geometry.ijk_to_lps_matrix, lo, hi, rs)
         crop_lps = grid.positions()
@@ -414,8 +424,7 @@ class HybridLocalizer:
             displaced = positions + refine.interpolate_field(field, out_crop).double() @ linear.T
             masks.append(self._carried_mask(t, name, local_maps, displaced).numpy())
             weights.append(refine.interpolate_field(weight[..., None], out_crop)[..., 0].numpy())
-        kept = refine.leave_out_outliers(masks, rs.outlier_mad)
-        return refine.fuse([masks[k] for k in kept], [weights[k] for k in kept], self.thresholds.get(name, rs.threshold))
+        return masks, weights
 
     def _template_positions(self, t: int, name: str, local_maps: dict, query_lps: torch.Tensor) -> torch.Tensor:
         """Query LPS positions ([..., 3]) in template ``t``'s LPS: through the structure's local

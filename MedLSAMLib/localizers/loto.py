@@ -4,7 +4,8 @@ the other templates, as any scan would be.
 From those runs, once per template set (cached beside the prepared templates):
 
 * **A vote threshold per structure**: the cut of the fused, weighted vote (refine.fuse) that gives
-  the best mean Dice against the left-out templates' own masks. Nothing names a structure: a thin
+  the best mean Dice against the left-out templates' own label-map masks (a mask MedLSAM made from
+  six points is no contour to learn from: the structure keeps ``RefineSettings.threshold``). Nothing names a structure: a thin
   structure that templates miss by a voxel learns a lower cut, a bulky one a higher cut.
 * **Six-point masks improved by the others** (``RefineSettings.consensus_point_masks``): a
   template whose mask of a structure was made from its six points (about 72 % Dice against the
@@ -29,7 +30,7 @@ from ..point_masks import mask_on_image
 
 #: the vote cuts tried
 CANDIDATE_THRESHOLDS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
-LEARN_FORMAT = 1
+LEARN_FORMAT = 2
 
 
 def learned_key(template_keys: list[str], names: list[str], settings_key: dict) -> str:
@@ -46,6 +47,7 @@ def learn(localizer) -> tuple[dict[str, float], dict[tuple[int, str], np.ndarray
     counts = dict.fromkeys(names, 0)
     improved: dict[tuple[int, str], np.ndarray] = {}
     consensus = localizer.settings.refine.consensus_point_masks
+    learn_cut = localizer.settings.refine.learn_thresholds
     for left_out in range(n):
         others = [t for t in range(n) if t != left_out]
         sub = copy.copy(localizer)
@@ -62,16 +64,19 @@ def learn(localizer) -> tuple[dict[str, float], dict[tuple[int, str], np.ndarray
             offset, vote = loc.priors[name]
             own = mask_on_image(s.mask, s.mask_ijk_to_lps, g)
             block = tuple(slice(o, o + e) for o, e in zip(offset, vote.shape))
+            vote_full = np.zeros(own.shape, np.float32)
+            vote_full[block] = vote
             own_in_block = own[block]
             total_own = int(own.sum())
-            for c, cut in enumerate(CANDIDATE_THRESHOLDS):
-                pred = vote > cut
-                denom = total_own + int(pred.sum())
-                dice_sums[name][c] += 2.0 * np.logical_and(pred, own_in_block).sum() / denom if denom else 1.0
-            counts[name] += 1
+            if learn_cut and not s.from_points:  # a contour teaches the cut; a mask MedLSAM made does not
+                for c, cut in enumerate(CANDIDATE_THRESHOLDS):
+                    pred = vote > cut
+                    denom = total_own + int(pred.sum())
+                    dice_sums[name][c] += 2.0 * np.logical_and(pred, own_in_block).sum() / denom if denom else 1.0
+                counts[name] += 1
             if consensus and s.from_points:
                 points = localizer.templates[left_out].structures[name].points
-                improved[(left_out, name)] = _consensus(s, points, own, vote, block, len(others), g)
+                improved[(left_out, name)] = consensus_mask(s.mask, s.mask_ijk_to_lps, points, vote_full, len(others), g)
     thresholds, report = {}, {}
     for name in names:
         if counts[name]:
@@ -81,27 +86,48 @@ def learn(localizer) -> tuple[dict[str, float], dict[tuple[int, str], np.ndarray
     return thresholds, improved, report
 
 
-def _consensus(s, points: np.ndarray, own: np.ndarray, vote: np.ndarray, block, voters: int, geometry) -> np.ndarray:
-    """A six-point mask and the other templates' vote, one template's say each: kept where
-    (own + voters x vote) / (voters + 1) > 0.5, inside the points' box (the mask's own block),
-    with the six points' voxels. Returned on the mask's own block grid (s.mask_ijk_to_lps)."""
-    full = np.zeros(own.shape, np.float32)
-    full[block] = vote
-    agree = (own.astype(np.float32) + voters * full) / (voters + 1) > 0.5
+def consensus_mask(mask: np.ndarray, mask_ijk_to_lps: np.ndarray, points: np.ndarray, vote_full: np.ndarray,
+                   voters: int, geometry) -> np.ndarray:
+    """A six-point mask (a block on its own grid, ``mask_ijk_to_lps``) and the other templates'
+    vote on the image (``vote_full``, [k, j, i] on ``geometry``), one template's say each: kept
+    where (own + voters x vote) / (voters + 1) > 0.5, inside the points' box, with the six points'
+    voxels, so the points stay the mask's extremes. Returned on the mask's block grid."""
+    own = mask_on_image(mask, mask_ijk_to_lps, geometry)
+    agree = (own.astype(np.float32) + voters * vote_full) / (voters + 1) > 0.5
     # back onto the point mask's block (it may be coarser than the image): nearest image voxel
-    kji = np.indices(s.mask.shape).reshape(3, -1).T
-    lps = np.hstack([kji[:, ::-1], np.ones((len(kji), 1))]) @ s.mask_ijk_to_lps.T
-    ijk = np.rint(geometry.lps_to_ijk(lps[:, :3])).astype(int)
+    kji = np.indices(mask.shape).reshape(3, -1).T
+    lps = (np.hstack([kji[:, ::-1], np.ones((len(kji), 1))]) @ mask_ijk_to_lps.T)[:, :3]
+    ijk = np.rint(geometry.lps_to_ijk(lps)).astype(int)
     inside = np.all((ijk >= 0) & (ijk < np.asarray(geometry.size)), axis=1)
     values = np.zeros(len(kji), bool)
     values[inside] = agree[ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]]
     box = box_from_points(points)
-    values &= np.all((lps[:, :3] >= box[0] - 1e-6) & (lps[:, :3] <= box[1] + 1e-6), axis=1)
-    out = values.reshape(s.mask.shape)
-    at = np.rint(np.hstack([points, np.ones((len(points), 1))]) @ np.linalg.inv(s.mask_ijk_to_lps).T)[:, :3]
-    at = np.clip(at.astype(int), 0, np.array(s.mask.shape[::-1]) - 1)
-    out[at[:, 2], at[:, 1], at[:, 0]] = True  # the six points' voxels: still the mask's extremes
+    values &= np.all((lps >= box[0] - 1e-6) & (lps <= box[1] + 1e-6), axis=1)
+    out = values.reshape(mask.shape)
+    at = np.rint(np.hstack([points, np.ones((len(points), 1))]) @ np.linalg.inv(mask_ijk_to_lps).T)[:, :3]
+    at = np.clip(at.astype(int), 0, np.array(mask.shape[::-1]) - 1)
+    out[at[:, 2], at[:, 1], at[:, 0]] = True
     return out.astype(np.uint8)
+
+
+def improve_point_masks(volume, masks: dict, localizer) -> dict:
+    """Six-point masks made on ``volume`` (``{name: (block, block_ijk_to_lps, points)}``) improved
+    by the templates of ``localizer`` (which must not include this volume): each structure they
+    find takes :func:`consensus_mask`. Structures they do not hold or find are returned as given."""
+    names = [n for n in masks if n in localizer.structures]
+    sub = copy.copy(localizer)
+    sub.thresholds = dict.fromkeys(localizer.structures, 0.5)  # the vote as it is
+    loc = sub.localize(volume, priors=True) if names else None
+    out = {}
+    for name, (block, matrix, points) in masks.items():
+        if loc is None or name not in loc.priors:
+            out[name] = block
+            continue
+        offset, vote = loc.priors[name]
+        full = np.zeros(volume.geometry.shape_kji, np.float32)
+        full[tuple(slice(o, o + e) for o, e in zip(offset, vote.shape))] = vote
+        out[name] = consensus_mask(block, matrix, points, full, len(localizer.prepared), volume.geometry)
+    return out
 
 
 def load_learned(path: Path):

@@ -46,14 +46,15 @@ class RefineSettings:
     smooth_mm: float = 1.0  # Gaussian on both images before demons (noise)
     iterations: int = 60
     field_sigma_mm: float = 1.5  # the displacement field's smoothing at each demons step
-    similarity_hu: float = 60.0  # weight = exp(-local mean squared difference / (2 x this^2))
+    similarity_hu: float = 120.0  # weight = exp(-local mean squared difference / (2 x this^2))
     similarity_window_mm: float = 4.0
     outlier_mad: float = 3.0  # left out: Dice to the others below median - this x MAD (x 1.48)
     threshold: float = 0.4  # the weighted vote that makes a voxel part of the structure
     # Learned from the templates by leave-one-template-out (loto.py), three templates or more:
-    # the vote threshold per structure, and six-point masks improved by the other templates.
+    # the vote threshold per structure (from the templates whose mask of it is a label map), and
+    # six-point masks improved by the other templates.
     learn_thresholds: bool = True
-    consensus_point_masks: bool = True
+    consensus_point_masks: bool = False
 
     def key(self) -> dict:
         return asdict(self)

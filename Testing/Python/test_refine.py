@@ -149,3 +149,54 @@ def test_crop_grids_and_samples_keep_the_query_voxels_on_any_grid(direction):
     # outside the array: the fill value
     far = torch.as_tensor(g.ijk_to_lps(np.array([[-5.0, 0, 0], [0, 0, 100.0]])))
     assert np.allclose(refine.sample(array, g.ijk_to_lps_matrix, far, fill=-7.0).numpy(), -7.0)
+
+
+def _template_with_labels(tmp_path: Path, name: str, labels_array: np.ndarray, structures) -> Path:
+    from MedLSAMLib.io import write_volume
+
+    _, labels = demo_case()
+    path = tmp_path / f"{name}_label.nii.gz"
+    write_volume(Volume(labels_array.astype(np.uint8), labels.geometry, name), path)
+    template_from_labels(DEMO / "cohort" / f"{CASE}.nii.gz", path, structures, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("third", ["wider", "narrower"])
+def test_leave_one_template_out_learns_the_cut_that_matches_the_templates_contours(tmp_path, third):
+    """Three templates of one scan: two hold its contour, the third the contour grown (or shrunk)
+    by a voxel. Left out, a true template is best reproduced by the vote of the true and the wider
+    one cut above one half (the wider one's rim left out), or, with a narrower third, cut below it
+    (the rim the narrower one lacks kept): the learned cut says which."""
+    _, labels = demo_case()
+    structures = [(1, "Brainstem"), (7, "Mandible")]
+    grow = ndimage.binary_dilation if third == "wider" else ndimage.binary_erosion
+    other = np.zeros_like(labels.array)
+    for value, _ in structures:
+        other[grow(labels.array == value, ndimage.generate_binary_structure(3, 1))] = value
+    dirs = [_template_with_labels(tmp_path, n, labels.array, structures) for n in ("a", "b")]
+    dirs.append(_template_with_labels(tmp_path, "c", other, structures))
+    localizer = HybridLocalizer(dirs, cache_dir=None)
+    for name in ("Brainstem", "Mandible"):
+        cut = localizer.thresholds[name]
+        assert (cut >= 0.5) if third == "wider" else (cut < 0.5), (name, localizer.learned)
+
+
+def test_six_point_masks_improved_by_the_other_templates_keep_their_six_points_as_extremes():
+    from MedLSAMLib.templates import load_template
+
+    dirs = sorted((DEMO / "templates").iterdir())
+    localizer = HybridLocalizer(dirs)  # six-point templates: every mask made from points
+    assert localizer.learned["improved_point_masks"] == 3 * len(localizer.structures)
+    for t, prepared in enumerate(localizer.prepared):
+        template = load_template(dirs[t])
+        for name, s in prepared.structures.items():
+            assert s.from_points
+            kji = np.argwhere(s.mask)
+            lps = np.hstack([kji[:, ::-1], np.ones((len(kji), 1))]) @ s.mask_ijk_to_lps.T
+            points = template.structures[name].points
+            voxel = np.linalg.norm(s.mask_ijk_to_lps[:3, :3], axis=0).max()
+            # the mask's extent is its points' box (to a voxel), and no voxel lies beyond it
+            assert np.allclose(lps[:, :3].min(0), points.min(0), atol=voxel)
+            assert np.allclose(lps[:, :3].max(0), points.max(0), atol=voxel)
+            at = np.rint(np.hstack([points, np.ones((6, 1))]) @ np.linalg.inv(s.mask_ijk_to_lps).T)[:, :3].astype(int)
+            assert s.mask[at[:, 2], at[:, 1], at[:, 0]].all()
