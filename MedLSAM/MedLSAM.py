@@ -278,10 +278,7 @@ class MedLSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProposeMasks(self):
         with slicer.util.tryWithErrorDisplay(_("Could not propose the masks."), waitCursor=True):
             volume = self._parameterNode.templateVolume
-            # the panel's other templates improve the masks (not the folder this one is saved to)
-            own = str(self._parameterNode.templateFolder or "")
-            others = [f for f in self.templateFolders() if f != own]
-            masks, names = self.logic.proposeMasks(volume, self.logic.structureNodes(), others)
+            masks, names = self.logic.proposeMasks(volume, self.logic.structureNodes())
             slicer.util.showStatusMessage(_("Proposed masks for {names} in {node}: correct them in the Segment "
                                             "Editor, then Save template").format(names=", ".join(names),
                                                                                   node=masks.GetName()), 8000)
@@ -507,14 +504,13 @@ class MedLSAMLogic(ScriptedLoadableModuleLogic):
         fill_placement_node(node, points_from_segment(segmentationNode, segmentId))
 
     @staticmethod
-    def proposeMasks(volumeNode, structureNodes, templateFolders=()):
-        """Each complete structure's mask made from its six points, improved by the other
-        templates (``templateFolders``, two or more), as a segment to review."""
+    def proposeMasks(volumeNode, structureNodes):
+        """Each complete structure's mask made from its six points, as a segment to review."""
         from MedLSAMMRML.placement import propose_masks
 
         if volumeNode is None:
             raise ValueError(_("Choose the template volume."))
-        return propose_masks(volumeNode, structureNodes, template_dirs=templateFolders)
+        return propose_masks(volumeNode, structureNodes)
 
     @staticmethod
     def saveTemplate(volumeNode, structureNodes, folder):

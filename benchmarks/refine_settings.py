@@ -24,7 +24,6 @@ from segmentation import mean_dice, scores
 VARIANTS = {
     "default": {},
     "no learning": {"learn_thresholds": False},
-    "consensus point masks": {"consensus_point_masks": True},
     "affine": None,
     "threshold 0.5": {"learn_thresholds": False, "threshold": 0.5},
     "threshold 0.3": {"learn_thresholds": False, "threshold": 0.3},
@@ -41,7 +40,7 @@ VARIANTS = {
     "margin 25 mm": {"margin_mm": 25.0},
 }
 #: the settings that act when the templates are loaded (leave-one-template-out): a localizer each
-LEARNING = ("learn_thresholds", "consensus_point_masks")
+LEARNING = ("learn_thresholds",)
 
 
 def variant_settings(name: str) -> RefineSettings | None:

@@ -143,14 +143,11 @@ def template_masks_node(scene, volume_node, create: bool = False):
     return node
 
 
-def propose_masks(volume_node, placement_nodes, settings=None, template_dirs=()):
+def propose_masks(volume_node, placement_nodes, settings=None):
     """For every structure whose six points are placed: the mask MedLSAM makes from them on the
     template volume (``MedLSAMLib.point_masks``), as a segment named after the structure in the
-    volume's template-masks segmentation, replacing an earlier proposal. With ``template_dirs``
-    (other templates than this volume's, two or more), each mask is improved by those templates' masks
-    carried onto the volume (``MedLSAMLib.localizers.loto.improve_point_masks``), as MedLSAM
-    improves six-point templates when it segments. The clinician may correct it with the Segment
-    Editor; :func:`save_template_set` stores it as the template's label map.
+    volume's template-masks segmentation, replacing an earlier proposal. The clinician may correct
+    it with the Segment Editor; :func:`save_template_set` stores it as the template's label map.
     Returns (segmentation node, names proposed)."""
     from MedLSAMLib.point_masks import mask_from_points, mask_on_image
 
@@ -166,22 +163,10 @@ def propose_masks(volume_node, placement_nodes, settings=None, template_dirs=())
             structures.append((name, np.array([points[n] for n in POINT_NAMES]), color))
     if not structures:
         raise InputError("place all six points of a structure first")
-    blocks = {name: (*mask_from_points(volume, points, settings), points) for name, points, _ in structures}
-    masks = {name: block for name, (block, _, _) in blocks.items()}
-    others = list(template_dirs)
-    if len(others) >= 2:
-        from MedLSAMLib.localizers.hybrid import HybridLocalizer
-        from MedLSAMLib.localizers.loto import improve_point_masks
-        from MedLSAMLib.templates import load_template
-
-        held = [n for n in blocks if all(n in load_template(d).structures for d in others)]
-        if held:
-            masks.update(improve_point_masks(volume, {n: blocks[n] for n in held},
-                                             HybridLocalizer(others, structures=held)))
     segmentation_node = template_masks_node(volume_node.GetScene(), volume_node, create=True)
     segmentation = segmentation_node.GetSegmentation()
     for name, points, color in structures:
-        mask = mask_on_image(masks[name], blocks[name][1], volume.geometry)
+        mask = mask_on_image(*mask_from_points(volume, points, settings), volume.geometry)
         old = segmentation.GetSegmentIdBySegmentName(name)
         if old:
             segmentation.RemoveSegment(old)

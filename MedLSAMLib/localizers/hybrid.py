@@ -77,32 +77,27 @@ class HybridLocalizer:
         t_prepared = time.perf_counter()
         self.setup_s = t_prepared - t0
         refine_settings = self.settings.refine
-        learns = refine_settings is not None and (refine_settings.learn_thresholds or refine_settings.consensus_point_masks)
-        if learns and len(self.prepared) >= 3:
+        if refine_settings is not None and refine_settings.learn_thresholds and len(self.prepared) >= 3:
             self._learn_from_templates(cache)
         self.learn_s = time.perf_counter() - t_prepared
         self.setup_s = time.perf_counter() - t0
 
     def _learn_from_templates(self, cache: Path | None) -> None:
-        """Leave-one-template-out (loto.py): per structure the vote threshold, and the six-point
-        masks improved by the other templates; from the cache when this set was learned before."""
+        """Per structure, the vote threshold learned by leave-one-template-out (loto.py); from the
+        cache when this set was learned before."""
         key = loto.learned_key([cache_key(t, self.structures, self.settings) for t in self.templates],
                                self.structures, self.settings.key())
-        path = cache / "learned" / f"{key}.npz" if cache else None
+        path = cache / "learned" / f"{key}.json" if cache else None
         found = loto.load_learned(path) if path is not None and path.is_file() else None
         if found is None:
-            found = loto.learn(self)
+            found = loto.learn_thresholds(self)
             if path is not None:
                 try:
                     loto.save_learned(path, *found)
                 except OSError:
                     pass  # a read-only cache folder only costs time
-        thresholds, improved, report = found
-        self.thresholds = dict(thresholds)
-        for (t, name), mask in improved.items():
-            self.prepared[t].structures[name].mask = mask
-        self.learned = {"thresholds": self.thresholds, "dice_by_threshold": report,
-                        "improved_point_masks": len(improved)}
+        self.thresholds = dict(found[0])
+        self.learned = {"thresholds": self.thresholds, "dice_by_threshold": found[1]}
 
     def describe(self) -> dict:
         return {"kind": self.kind, "settings": self.settings.key(),

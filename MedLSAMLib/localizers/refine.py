@@ -50,11 +50,9 @@ class RefineSettings:
     similarity_window_mm: float = 4.0
     outlier_mad: float = 3.0  # left out: Dice to the others below median - this x MAD (x 1.48)
     threshold: float = 0.4  # the weighted vote that makes a voxel part of the structure
-    # Learned from the templates by leave-one-template-out (loto.py), three templates or more:
-    # the vote threshold per structure (from the templates whose mask of it is a label map), and
-    # six-point masks improved by the other templates.
+    # The threshold learned per structure by leave-one-template-out (loto.py; three templates or
+    # more, from those whose mask of it is a label map) instead of ``threshold``.
     learn_thresholds: bool = True
-    consensus_point_masks: bool = False
 
     def key(self) -> dict:
         return asdict(self)

@@ -179,24 +179,3 @@ def test_leave_one_template_out_learns_the_cut_that_matches_the_templates_contou
     for name in ("Brainstem", "Mandible"):
         cut = localizer.thresholds[name]
         assert (cut >= 0.5) if third == "wider" else (cut < 0.5), (name, localizer.learned)
-
-
-def test_six_point_masks_improved_by_the_other_templates_keep_their_six_points_as_extremes():
-    from MedLSAMLib.templates import load_template
-
-    dirs = sorted((DEMO / "templates").iterdir())
-    localizer = HybridLocalizer(dirs)  # six-point templates: every mask made from points
-    assert localizer.learned["improved_point_masks"] == 3 * len(localizer.structures)
-    for t, prepared in enumerate(localizer.prepared):
-        template = load_template(dirs[t])
-        for name, s in prepared.structures.items():
-            assert s.from_points
-            kji = np.argwhere(s.mask)
-            lps = np.hstack([kji[:, ::-1], np.ones((len(kji), 1))]) @ s.mask_ijk_to_lps.T
-            points = template.structures[name].points
-            voxel = np.linalg.norm(s.mask_ijk_to_lps[:3, :3], axis=0).max()
-            # the mask's extent is its points' box (to a voxel), and no voxel lies beyond it
-            assert np.allclose(lps[:, :3].min(0), points.min(0), atol=voxel)
-            assert np.allclose(lps[:, :3].max(0), points.max(0), atol=voxel)
-            at = np.rint(np.hstack([points, np.ones((6, 1))]) @ np.linalg.inv(s.mask_ijk_to_lps).T)[:, :3].astype(int)
-            assert s.mask[at[:, 2], at[:, 1], at[:, 0]].all()
