@@ -7,6 +7,9 @@ difference from a paired bootstrap over *cases* (the structures of one case shar
 so they are resampled together), and how many structure-cases moved by a point or more either way.
 
     python benchmarks/paired.py docs/bench/template_kinds_sixth_code.json docs/bench/template_kinds_ninth.json
+
+Two arms of one run: the same file twice and ``--pairs BEFORE_ARM:AFTER_ARM``, e.g.
+``--pairs labels_affine:labels points_affine:points``.
 """
 from __future__ import annotations
 
@@ -48,12 +51,16 @@ def main():
     ap.add_argument("before", type=Path, help="template_kinds.py results (JSON) of the earlier code")
     ap.add_argument("after", type=Path, help="the same for the later code")
     ap.add_argument("--arms", nargs="+", default=["labels", "points"])
+    ap.add_argument("--pairs", nargs="+", metavar="BEFORE_ARM:AFTER_ARM",
+                    help="compare these arms (of before and after) instead of the same arm in both")
     args = ap.parse_args()
+    pairs = [p.split(":", 1) for p in args.pairs] if args.pairs else [(a, a) for a in args.arms]
     print("| templates hold | cases (structures) | before % | after % | difference, points (95 % interval) "
           "| moved >= 1 point: better / worse |")
     print("|---|---|---|---|---|---|")
-    for arm in args.arms:
-        r = paired_difference(dice_table(args.before, arm), dice_table(args.after, arm))
+    for first, second in pairs:
+        arm = first if first == second else f"{first} -> {second}"
+        r = paired_difference(dice_table(args.before, first), dice_table(args.after, second))
         lo, hi = (100 * v for v in r["interval"])
         print(f"| {arm} | {r['cases']} ({r['structures']}) | {100 * r['before']:.1f} | {100 * r['after']:.1f} | "
               f"{100 * r['difference']:+.1f} ({lo:+.1f} to {hi:+.1f}) | {r['better']} / {r['worse']} |")

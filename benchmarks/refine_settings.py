@@ -49,7 +49,7 @@ def variant_settings(name: str) -> RefineSettings | None:
 
 
 def learning_of(name: str) -> tuple:
-    settings = variant_settings(name) or RefineSettings()
+    settings = variant_settings(name) or replace(RefineSettings(), learn_thresholds=False)  # affine: none learned
     return tuple(getattr(settings, f) for f in LEARNING)
 
 

@@ -184,3 +184,21 @@ def test_device_check_on_the_cpu_compares_like_with_like(tmp_path):
     for s in rows[0]["structures"].values():
         assert s["face_difference_mm"] == 0.0 and s["iou_cpu"] == s["iou_device"] > 0.2, s
     assert "largest face difference between the two: 0.0 mm" in out.with_suffix(".md").read_text()
+
+
+def test_refine_settings_and_mask_bounds_benchmarks(tmp_path):
+    out = tmp_path / "refine"
+    run_script("refine_settings.py", "--limit", "1", "--variants", "no learning", "affine", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 1 and set(rows[0]["scores"]) == {"labels/no learning", "labels/affine", "points/no learning",
+                                                          "points/affine"}
+    assert all(0.0 <= v["dice"] <= 1.0 for arm in rows[0]["scores"].values() for v in arm.values())
+    assert "| no learning |" in out.with_suffix(".md").read_text()
+    out = tmp_path / "bounds"
+    run_script("mask_bounds.py", "--limit", "1", "--out", str(out))
+    row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+    for kind in ("labels", "points"):
+        for v in row[kind].values():
+            # the oracle picks the best single template, within the fused mask's reach or above
+            assert 0.0 <= v["fused"] <= 1.0 and 0.0 <= v["best_single"] <= 1.0 and 0.0 <= v["in_plane"] <= 1.0
+    assert "| **mean** | labels |" in out.with_suffix(".md").read_text()
