@@ -388,7 +388,11 @@ class HybridLocalizer:
         local similarity weight there."""
         rs = self.settings.refine
         geometry = volume.geometry
-        grid = refine.crop_grid(geometry.ijk_to_lps_matrix, lo, hi, rs)
+        # the templates' voxels along L, P, S (as Geometry.spacing_lps: |direction| @ spacing)
+        detail = np.min([np.abs(self.prepared[t].structures[name].image_ijk_to_lps[:3, :3]) @ np.ones(3)
+                         for t in voters], axis=0)
+        floor = geometry.index_spacing(detail) * self.settings.local_detail_fraction
+        grid = refine.crop_grid(geometry.ijk_to_lps_matrix, lo, hi, rs, floor)
         crop_lps = grid.positions()
         low, high = rs.hu_range
         raw = refine.sample(volume.array, geometry.ijk_to_lps_matrix, crop_lps, fill=np.nan, nearest=True)
@@ -398,6 +402,7 @@ class HybridLocalizer:
         to_crop = np.linalg.inv(grid.ijk_to_lps)
         out_crop = refine._apply(to_crop, positions)
         masks, weights = [], []
+        fixed_image = refine.demons_image(fixed, grid.spacing, rs)
         for t in voters:
             s = self.prepared[t].structures[name]
             image = np.where(s.image == refine.NO_DATA, low, s.image).astype(np.float32)
@@ -411,7 +416,7 @@ class HybridLocalizer:
             moving, moving_valid = template_values(crop_lps)
             both = (fixed_valid & moving_valid).numpy()
             moving = np.where(both, moving, fixed)  # no force where either scan has no data
-            field = refine.demons(fixed, moving, grid.spacing, rs)
+            field = refine.demons(fixed_image, moving, grid.spacing, rs)
             warped_lps = crop_lps + torch.as_tensor(field, dtype=torch.float64) @ linear.T
             warped, warped_valid = template_values(warped_lps)
             weight = refine.similarity_weight(fixed, warped, both & warped_valid.numpy(), grid.spacing, rs)

@@ -78,11 +78,12 @@ class CropGrid:
                 + k[:, None, None, None] * m[:3, 2] + m[:3, 3])
 
 
-def crop_grid(ijk_to_lps: np.ndarray, lo_ijk, hi_ijk, settings: RefineSettings) -> CropGrid:
+def crop_grid(ijk_to_lps: np.ndarray, lo_ijk, hi_ijk, settings: RefineSettings, floor_ijk=0.0) -> CropGrid:
     """The refinement grid over the query block ``lo_ijk`` .. ``hi_ijk`` (inclusive) + the margin,
-    on the query's axes, its voxels the query's coarsened to ``min_spacing_mm``."""
+    on the query's axes, its voxels the query's coarsened to ``min_spacing_mm`` or to ``floor_ijk``
+    (mm along i, j, k: the templates' own detail, finer than which nothing is there to match)."""
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    step = np.maximum(settings.min_spacing_mm / spacing, 1.0)  # query voxels per crop voxel
+    step = np.maximum(np.maximum(settings.min_spacing_mm, floor_ijk) / spacing, 1.0)  # query voxels per crop voxel
     margin = settings.margin_mm / spacing
     lo = np.asarray(lo_ijk, float) - margin
     hi = np.asarray(hi_ijk, float) + margin
@@ -120,19 +121,24 @@ def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     return points.double() @ m[:3, :3].T + m[:3, 3]
 
 
-def demons(fixed: np.ndarray, moving: np.ndarray, spacing_ijk, settings: RefineSettings) -> np.ndarray:
+def demons_image(array: np.ndarray, spacing_ijk, settings: RefineSettings) -> sitk.Image:
+    """A crop as demons reads it: float32, the crop's spacing, smoothed by ``smooth_mm``."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    img.SetSpacing([float(s) for s in spacing_ijk])
+    return sitk.SmoothingRecursiveGaussian(img, settings.smooth_mm) if settings.smooth_mm > 0 else img
+
+
+def demons(fixed: np.ndarray | sitk.Image, moving: np.ndarray, spacing_ijk, settings: RefineSettings) -> np.ndarray:
     """Displacement field [k, j, i, 3] (crop voxels, along i, j, k) with moving(x + u(x)) ~ fixed(x):
-    fast symmetric-forces demons, the field smoothed at each step."""
-    images = []
-    for a in (fixed, moving):
-        img = sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32))
-        img.SetSpacing([float(s) for s in spacing_ijk])
-        images.append(sitk.SmoothingRecursiveGaussian(img, settings.smooth_mm) if settings.smooth_mm > 0 else img)
+    fast symmetric-forces demons, the field smoothed at each step. ``fixed`` may be given as its
+    :func:`demons_image` (made once for several moving images)."""
+    if not isinstance(fixed, sitk.Image):
+        fixed = demons_image(fixed, spacing_ijk, settings)
     f = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     f.SetNumberOfIterations(settings.iterations)
     f.SetStandardDeviations(settings.field_sigma_mm)
     f.SetSmoothDisplacementField(True)
-    field = sitk.GetArrayFromImage(f.Execute(*images))  # [k, j, i, 3], mm along i, j, k
+    field = sitk.GetArrayFromImage(f.Execute(fixed, demons_image(moving, spacing_ijk, settings)))  # mm along i, j, k
     return field / np.asarray(spacing_ijk, float)
 
 
