@@ -38,6 +38,9 @@ VARIANTS = {
     "30 iterations": {"iterations": 30},
     "120 iterations": {"iterations": 120},
     "margin 25 mm": {"margin_mm": 25.0},
+    "mask slice boxes": {"slice_boxes_from_masks": True},
+    "mask slice boxes, reach 4": {"slice_boxes_from_masks": True, "reach_voxels": 4},
+    "reach 4": {"reach_voxels": 4},
 }
 #: the settings that act when the templates are loaded (leave-one-template-out): a localizer each
 LEARNING = ("learn_thresholds",)
@@ -67,7 +70,7 @@ def main():
             settings = HybridSettings(refine=replace(RefineSettings(), **dict(zip(LEARNING, learning))))
             cohorts[(kind, learning)] = CohortSegmenter(HybridLocalizer(dirs, settings=settings,
                                                                         cache_dir=bench.work / "cache"), seg)
-    learned = {f"{kind}/{learning}": c.localizer.learned for (kind, learning), c in cohorts.items()}
+    learned = {f"{kind}/{learning}": c.localizer.learn_thresholds() for (kind, learning), c in cohorts.items()}
     rows = []
     for n, case in enumerate(bench.other_cases(), 1):
         ct, labels = bench.case(case)

@@ -72,6 +72,7 @@ def main():
         dirs, settings, options = setups[arm]
         t0 = time.perf_counter()
         localizer = HybridLocalizer(dirs, settings=settings, cache_dir=None)
+        localizer.learn_thresholds()  # (leave-one-template-out, where the templates hold label maps)
         prepare_s[arm] = time.perf_counter() - t0
         cohorts[arm] = CohortSegmenter(localizer, seg, options)
 

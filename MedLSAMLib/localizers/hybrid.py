@@ -20,6 +20,7 @@ reported ``present: false``. Why this design and what each stage gains: docs/loc
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -71,23 +72,25 @@ class HybridLocalizer:
         self.prepared: list[PreparedTemplate] = [p for p, _ in loaded]
         self.cache_hits = sum(hit for _, hit in loaded)
         # per structure, the vote threshold of the fused masks (refine.fuse); the settings' default
-        # for any structure not named
+        # for any structure not named. Learned at the first query that asks for masks (a localizer
+        # that only gives boxes never pays for it), or by calling learn_thresholds.
         self.thresholds: dict[str, float] = {}
-        self.learned: dict = {}  # what leave-one-template-out taught (loto.py): thresholds and their Dice
-        t_prepared = time.perf_counter()
-        self.setup_s = t_prepared - t0
-        refine_settings = self.settings.refine
-        if refine_settings is not None and refine_settings.learn_thresholds and len(self.prepared) >= 3:
-            self._learn_from_templates(cache)
-        self.learn_s = time.perf_counter() - t_prepared
+        self.learned: dict | None = None  # what leave-one-template-out taught (loto.py)
         self.setup_s = time.perf_counter() - t0
 
-    def _learn_from_templates(self, cache: Path | None) -> None:
-        """Per structure, the vote threshold learned by leave-one-template-out (loto.py); from the
-        cache when this set was learned before."""
+    def learn_thresholds(self) -> dict:
+        """Per structure, the vote threshold learned by leave-one-template-out (loto.py: three
+        templates or more, refinement on), from the cache when this set was learned before; once.
+        Returns what was learned (thresholds and the Dice of each candidate)."""
+        if self.learned is not None:
+            return self.learned
+        refine_settings = self.settings.refine
+        if refine_settings is None or not refine_settings.learn_thresholds or len(self.prepared) < 3:
+            self.learned = {"thresholds": {}, "dice_by_threshold": {}}
+            return self.learned
         key = loto.learned_key([cache_key(t, self.structures, self.settings) for t in self.templates],
                                self.structures, self.settings.key())
-        path = cache / "learned" / f"{key}.json" if cache else None
+        path = self.cache_dir / "learned" / f"{key}.json" if self.cache_dir else None
         found = loto.load_learned(path) if path is not None and path.is_file() else None
         if found is None:
             found = loto.learn_thresholds(self)
@@ -98,6 +101,7 @@ class HybridLocalizer:
                     pass  # a read-only cache folder only costs time
         self.thresholds = dict(found[0])
         self.learned = {"thresholds": self.thresholds, "dice_by_threshold": found[1]}
+        return self.learned
 
     def describe(self) -> dict:
         return {"kind": self.kind, "settings": self.settings.key(),
@@ -132,7 +136,16 @@ class HybridLocalizer:
         result = self._assemble(volume.geometry, fov, first_global, global_scores.cpu().numpy(),
                                 local_maps, local_scores, keep_stages, realigned)
         if priors:
-            result["priors"] = self.shape_priors(volume, source.pad, result["structures"], local_maps, result["used"])
+            self.learn_thresholds()
+            margin = self.settings.refine.reach_voxels if self.settings.refine is not None else 2
+            result["priors"] = self.shape_priors(volume, source.pad, result["structures"], local_maps, result["used"],
+                                                 margin)
+            if self.settings.refine is not None and self.settings.refine.slice_boxes_from_masks:
+                for name, (offset, prob) in result["priors"].items():
+                    boxes = _mask_slice_boxes(prob > 0.5, offset, volume.geometry.axial_axis)
+                    if boxes:  # the segmenter's slices and 2D prompts follow the refined mask
+                        result["structures"][name] = dataclasses.replace(result["structures"][name],
+                                                                         slice_boxes_ijk=boxes)
         t_end = time.perf_counter()
         timing = {"read": t_read - t0, "preprocess": t_prep - t_read + t_fine - t_global, "global": t_global - t_prep,
                   "local": t_local - t_fine, "fuse": t_end - t_local, "templates_setup": self.setup_s,
@@ -518,6 +531,16 @@ def _slab_boxes(shape: np.ndarray, n_parts: int) -> list[np.ndarray]:
         sel = shape[(z >= edges[p] - 1e-6) & ((z <= edges[p + 1] + 1e-6) if last else (z < edges[p + 1]))]
         if len(sel):
             out.append(box_from_points(sel))
+    return out
+
+
+def _mask_slice_boxes(mask_kji: np.ndarray, offset_kji, axial_axis: int) -> list[list[list[int]]]:
+    """One inclusive ijk box per axial slice of a block mask whose first voxel is ``offset_kji``."""
+    ijk = np.argwhere(mask_kji)[:, ::-1] + np.asarray(offset_kji)[::-1]
+    out = []
+    for k in np.unique(ijk[:, axial_axis]):
+        pts = ijk[ijk[:, axial_axis] == k]
+        out.append([pts.min(0).tolist(), pts.max(0).tolist()])
     return out
 
 

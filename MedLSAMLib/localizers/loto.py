@@ -50,6 +50,7 @@ def learn_thresholds(localizer) -> tuple[dict[str, float], dict]:
         sub.prepared = [localizer.prepared[t] for t in others]
         sub.templates = [localizer.templates[t] for t in others]
         sub.thresholds = dict.fromkeys(names, 0.5)  # the vote as it is (refine.fuse maps 0.5 onto itself)
+        sub.learned = {"thresholds": sub.thresholds}  # (and it learns nothing itself)
         image = localizer.templates[left_out].load_image()
         loc = sub.localize(image, priors=True)
         for name in names:

@@ -50,6 +50,8 @@ class RefineSettings:
     similarity_window_mm: float = 4.0
     outlier_mad: float = 3.0  # left out: Dice to the others below median - this x MAD (x 1.48)
     threshold: float = 0.4  # the weighted vote that makes a voxel part of the structure
+    reach_voxels: int = 2  # the masks may reach this far beyond the localized box
+    slice_boxes_from_masks: bool = False
     # The threshold learned per structure by leave-one-template-out (loto.py; three templates or
     # more, from those whose mask of it is a label map) instead of ``threshold``.
     learn_thresholds: bool = True

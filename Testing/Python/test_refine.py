@@ -176,6 +176,23 @@ def test_leave_one_template_out_learns_the_cut_that_matches_the_templates_contou
     dirs = [_template_with_labels(tmp_path, n, labels.array, structures) for n in ("a", "b")]
     dirs.append(_template_with_labels(tmp_path, "c", other, structures))
     localizer = HybridLocalizer(dirs, cache_dir=None)
+    assert localizer.thresholds == {}  # learned only when masks are first asked for
+    learned = localizer.learn_thresholds()
     for name in ("Brainstem", "Mandible"):
         cut = localizer.thresholds[name]
-        assert (cut >= 0.5) if third == "wider" else (cut < 0.5), (name, localizer.learned)
+        assert (cut >= 0.5) if third == "wider" else (cut < 0.5), (name, learned)
+
+
+def test_learned_thresholds_are_cached_with_the_templates(tmp_path, monkeypatch):
+    from MedLSAMLib.localizers import loto
+
+    _, labels = demo_case()
+    dirs = [_template_with_labels(tmp_path, n, labels.array, [(1, "Brainstem")]) for n in ("a", "b", "c")]
+    first = HybridLocalizer(dirs, cache_dir=tmp_path / "cache").learn_thresholds()
+    assert list((tmp_path / "cache" / "learned").glob("*.json"))
+
+    def refuse(_):
+        raise AssertionError("learned again although cached")
+
+    monkeypatch.setattr(loto, "learn_thresholds", refuse)
+    assert HybridLocalizer(dirs, cache_dir=tmp_path / "cache").learn_thresholds()["thresholds"] == first["thresholds"]
