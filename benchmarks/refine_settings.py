@@ -38,9 +38,6 @@ VARIANTS = {
     "30 iterations": {"iterations": 30},
     "120 iterations": {"iterations": 120},
     "margin 25 mm": {"margin_mm": 25.0},
-    "mask slice boxes": {"slice_boxes_from_masks": True},
-    "mask slice boxes, reach 4": {"slice_boxes_from_masks": True, "reach_voxels": 4},
-    "reach 4": {"reach_voxels": 4},
 }
 #: the settings that act when the templates are loaded (leave-one-template-out): a localizer each
 LEARNING = ("learn_thresholds",)

@@ -137,10 +137,8 @@ class HybridLocalizer:
                                 local_maps, local_scores, keep_stages, realigned)
         if priors:
             self.learn_thresholds()
-            margin = self.settings.refine.reach_voxels if self.settings.refine is not None else 2
-            result["priors"] = self.shape_priors(volume, source.pad, result["structures"], local_maps, result["used"],
-                                                 margin)
-            if self.settings.refine is not None and self.settings.refine.slice_boxes_from_masks:
+            result["priors"] = self.shape_priors(volume, source.pad, result["structures"], local_maps, result["used"])
+            if self.settings.refine is not None:  # +0.5 Dice points on the tuning scans (docs/results.md)
                 for name, (offset, prob) in result["priors"].items():
                     boxes = _mask_slice_boxes(prob > 0.5, offset, volume.geometry.axial_axis)
                     if boxes:  # the segmenter's slices and 2D prompts follow the refined mask

@@ -16,6 +16,9 @@ band. Here, per (template, structure):
 4. **Weights**: per voxel, how well the warped template matches the query nearby (a Gaussian of
    the locally averaged squared HU difference, ``similarity_hu``), as Plastimatch's MABS does.
 
+The refined masks also give the structure's per-slice boxes (the segmenter's slices and, with
+SAM, its 2D prompts), in place of those of the template shape nearest the fused box.
+
 Fusion (:func:`fuse`): a template whose warped mask disagrees with the others' (Dice against the
 rest far below the templates' median) is left out; the rest are averaged with their weights; the
 structure's vote threshold (``threshold``, or one learned by leave-one-template-out on the
@@ -50,8 +53,6 @@ class RefineSettings:
     similarity_window_mm: float = 4.0
     outlier_mad: float = 3.0  # left out: Dice to the others below median - this x MAD (x 1.48)
     threshold: float = 0.4  # the weighted vote that makes a voxel part of the structure
-    reach_voxels: int = 2  # the masks may reach this far beyond the localized box
-    slice_boxes_from_masks: bool = False
     # The threshold learned per structure by leave-one-template-out (loto.py; three templates or
     # more, from those whose mask of it is a label map) instead of ``threshold``.
     learn_thresholds: bool = True
