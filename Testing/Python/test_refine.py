@@ -196,3 +196,20 @@ def test_learned_thresholds_are_cached_with_the_templates(tmp_path, monkeypatch)
 
     monkeypatch.setattr(loto, "learn_thresholds", refuse)
     assert HybridLocalizer(dirs, cache_dir=tmp_path / "cache").learn_thresholds()["thresholds"] == first["thresholds"]
+
+
+def test_with_masks_the_per_slice_boxes_are_the_refined_masks(tmp_path):
+    """localize(priors=True): each structure's per-slice boxes are those of its refined mask (> 0.5),
+    slice by slice along the axial axis."""
+    ct, _ = demo_case()
+    template = template_from_labels(DEMO / "cohort" / f"{CASE}.nii.gz", DEMO / "cohort_labels" / f"{CASE}_label.nii.gz",
+                                    STRUCTURES[:2], tmp_path / "self")
+    loc = HybridLocalizer([template], cache_dir=tmp_path / "cache").localize(ct, priors=True)
+    ax = ct.geometry.axial_axis
+    for name, (offset, prob) in loc.priors.items():
+        ijk = np.argwhere(prob > 0.5)[:, ::-1] + np.asarray(offset)[::-1]
+        boxes = loc.structures[name].slice_boxes_ijk
+        assert sorted(b[0][ax] for b in boxes) == sorted(np.unique(ijk[:, ax]).tolist())
+        for lo, hi in boxes:
+            on = ijk[ijk[:, ax] == lo[ax]]
+            assert on.min(0).tolist() == lo and on.max(0).tolist() == hi
