@@ -375,8 +375,7 @@ class HybridLocalizer:
             lo = np.maximum(np.asarray(entry.box_ijk[0]) - margin, 0)
             hi = np.minimum(np.asarray(entry.box_ijk[1]) + margin, size - 1)
             positions = _BoxGrid(geometry.ijk_to_lps_matrix, lo, hi).mapped(np.eye(4)).double()
-            refine = self.settings.refine
-            if refine is not None and all(self.prepared[t].structures[name].image.size for t in voters):
+            if self.settings.refine is not None and all(self.prepared[t].structures[name].image.size for t in voters):
                 prob = self._refined_prior(volume, pad, name, voters, local_maps, lo, hi, positions)
             else:
                 prob = (sum(self._carried_mask(t, name, local_maps, positions) for t in voters) / len(voters)).numpy()
@@ -411,7 +410,7 @@ class HybridLocalizer:
         fixed = refine.sample(volume.array, geometry.ijk_to_lps_matrix, crop_lps, fill=low).clamp(low, high).numpy()
         linear = torch.as_tensor(grid.ijk_to_lps[:3, :3], dtype=torch.float64)  # crop voxel steps -> LPS
         to_crop = np.linalg.inv(grid.ijk_to_lps)
-        out_crop = refine._apply(to_crop, positions)
+        out_crop = refine.transform_points(to_crop, positions)
         masks, weights = [], []
         fixed_image = refine.demons_image(fixed, grid.spacing, rs)
         for t in voters:
@@ -443,8 +442,8 @@ class HybridLocalizer:
         position falls in (in the template's frame), else the nearest, as its box was made."""
         parts = self.prepared[t].parts.get(name)
         if not parts:
-            return refine._apply(np.linalg.inv(local_maps[(t, name)]), query_lps)
-        mapped = [refine._apply(np.linalg.inv(local_maps[(t, name, n)]), query_lps) for n in range(len(parts))]
+            return refine.transform_points(np.linalg.inv(local_maps[(t, name)]), query_lps)
+        mapped = [refine.transform_points(np.linalg.inv(local_maps[(t, name, n)]), query_lps) for n in range(len(parts))]
         slab_distance = []
         for part, where in zip(parts, mapped):
             lo, hi = float(part.shape[:, 2].min()), float(part.shape[:, 2].max())

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
-from ..geometry import box_from_points
+from ..geometry import box_from_points, box_lps_to_ijk, expand_box
 from ..io import Volume
 from ..weights import sha256
 from ..point_masks import PointMaskSettings, mask_from_points
@@ -157,12 +157,7 @@ def image_crop(image: Volume, pad: float | None, box_lps: np.ndarray, margin_mm:
     """(int16 HU of the image's voxels over ``box_lps`` + ``margin_mm``, NO_DATA where the image
     holds padding; that block's ijk -> LPS matrix)."""
     g = image.geometry
-    corners = np.array([[box_lps[a, 0], box_lps[b, 1], box_lps[c, 2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
-    ijk = g.lps_to_ijk(corners)
-    margin = margin_mm / g.spacing
-    last = np.asarray(g.size) - 1
-    lo = np.clip(np.floor(ijk.min(0) - margin), 0, last).astype(int)
-    hi = np.clip(np.ceil(ijk.max(0) + margin), 0, last).astype(int)
+    lo, hi = box_lps_to_ijk(expand_box(box_lps, margin_mm), g)
     block = image.array[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
     crop = np.clip(np.rint(block), -1024, 4000).astype(np.int16)
     if pad is not None:
@@ -203,17 +198,15 @@ def prepare_template(template: Template, names: list[str], settings: HybridSetti
     for s, extent in zip(structures, extents):
         shape, from_mask = s.points, False
         crop = {}
-        mask = None
+        mask, from_points = None, False
         if labels is not None and np.any(labels.array == s.label):
             mask, matrix = mask_crop(labels, s.label)
         elif settings.point_masks is not None:
             mask, matrix = mask_from_points(image, s.points, settings.point_masks)
-            crop["from_points"] = True
+            from_points = True
         cloud = _block_cloud(mask, matrix) if mask is not None else np.zeros((0, 3))
-        if not len(cloud):
-            crop = {}
-        else:
-            crop.update({"mask": mask, "mask_ijk_to_lps": matrix})
+        if len(cloud):
+            crop = {"mask": mask, "mask_ijk_to_lps": matrix, "from_points": from_points}
             if settings.refine is not None:  # the crop reaches past the query's: the affines scale
                 crop["image"], crop["image_ijk_to_lps"] = image_crop(image, source.pad, box_from_points(cloud),
                                                                      1.5 * settings.refine.margin_mm + 10.0)

@@ -101,7 +101,7 @@ def sample(array: np.ndarray, ijk_to_lps: np.ndarray, lps: torch.Tensor, fill: f
     """Trilinear (or nearest) samples of a [k, j, i] ``array`` at LPS positions ([..., 3]);
     ``fill`` outside it (trilinear: blended with ``fill`` within a voxel of its edge). Only the
     block the positions reach is converted to float."""
-    ijk = _apply(np.linalg.inv(ijk_to_lps), lps)
+    ijk = transform_points(np.linalg.inv(ijk_to_lps), lps)
     flat = ijk.reshape(-1, 3)
     size = np.array(array.shape[::-1])
     lo = np.clip(np.floor(flat.min(0).values.numpy()).astype(int), 0, size - 1)
@@ -119,7 +119,8 @@ def sample(array: np.ndarray, ijk_to_lps: np.ndarray, lps: torch.Tensor, fill: f
     return out.view(lps.shape[:-1])
 
 
-def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+def transform_points(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """A (4, 4) affine applied to points [..., 3] (torch, float64)."""
     m = torch.as_tensor(matrix, dtype=torch.float64)
     return points.double() @ m[:3, :3].T + m[:3, 3]
 

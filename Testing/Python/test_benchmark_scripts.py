@@ -199,6 +199,5 @@ def test_refine_settings_and_mask_bounds_benchmarks(tmp_path):
     row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
     for kind in ("labels", "points"):
         for v in row[kind].values():
-            # the oracle picks the best single template, within the fused mask's reach or above
             assert 0.0 <= v["fused"] <= 1.0 and 0.0 <= v["best_single"] <= 1.0 and 0.0 <= v["in_plane"] <= 1.0
     assert "| **mean** | labels |" in out.with_suffix(".md").read_text()
